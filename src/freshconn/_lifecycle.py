@@ -1,0 +1,266 @@
+"""The per-connection bookkeeping and the begin/end steps of a unit of work.
+
+This is one of the few modules that does I/O: it reads the server's idle limit when a connection
+is made, polls idle sockets (no round trip), pings when the policy says so, and closes connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.signals import connection_created
+
+from . import _drivers, _policy, _stats, conf
+from ._errors import is_disconnect
+from .signals import connection_discarded
+
+logger = logging.getLogger("freshconn")
+
+_STATE_ATTR = "_freshconn_state"
+_POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+_NO_SERVER_VENDORS = frozenset({"sqlite"})
+_warned_atomic = False
+
+
+class ConnState:
+    """What freshconn remembers about one open connection (one per Django wrapper, replaced on reconnect)."""
+
+    __slots__ = ("driver", "raw", "opened_at", "last_used", "deadline", "idle_limit", "poller")
+
+    def __init__(self, driver: _drivers.Driver, raw: Any, now: float, deadline: float) -> None:
+        self.driver = driver
+        self.raw = raw
+        self.opened_at = now
+        self.last_used = now
+        self.deadline = deadline
+        self.idle_limit: float | None = None
+        self.poller: Any = None
+        fd = driver.fileno(raw)
+        if fd is not None:
+            self.poller = select.poll()
+            self.poller.register(fd, _POLL_MASK)
+
+    def socket_has_news(self) -> bool:
+        """True when the idle socket is readable or hung up: the server spoke (or left) unasked."""
+        return self.poller is not None and bool(self.poller.poll(0))
+
+
+def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
+    raw = conn.connection
+    driver = _drivers.for_connection(raw)
+    now = time.monotonic()
+    max_age = conf.get().max_age_for(conn.settings_dict)
+    state = ConnState(driver, raw, now, _policy.deadline_for(now, max_age, random.random()))
+    if not conf.get().max_age_override and state.deadline != float("inf"):
+        # Share the jittered lifetime with Django, so its own close_old_connections() agrees.
+        conn.close_at = state.deadline
+    if read_limit and max_age != 0:
+        # A connection closed after every unit never idles: skip the round trip for it.
+        try:
+            state.idle_limit = _policy.effective_idle_limit(driver.idle_limit(raw))
+            if not conn.autocommit:
+                raw.rollback()
+        except Exception as exc:  # noqa: BLE001 - a missing limit only means more pings
+            logger.debug("could not read the server idle limit for %s: %s", conn.alias, type(exc).__name__)
+    setattr(conn, _STATE_ATTR, state)
+    return state
+
+
+def _state_of(conn: BaseDatabaseWrapper) -> ConnState:
+    state: ConnState | None = getattr(conn, _STATE_ATTR, None)
+    if state is None or state.raw is not conn.connection:
+        # Opened before freshconn was wired, or by a path that bypassed connection_created.
+        state = _new_state(conn, read_limit=False)
+    return state
+
+
+def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    if connection.vendor in _NO_SERVER_VENDORS:
+        return
+    _stats.bump(connection.alias, "connects")
+    _new_state(connection, read_limit=True)
+
+
+_wired = False
+
+
+def wire() -> None:
+    """Connect freshconn's receiver to Django's connection_created (idempotent)."""
+    global _wired
+    if not _wired:
+        connection_created.connect(on_connection_created, dispatch_uid="freshconn.connection_created")
+        _wired = True
+
+
+def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
+    """Close ``conn`` now, whatever state its socket is in, and record why."""
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - the connection is being thrown away; its close may fail
+        pass
+    if not conn.in_atomic_block:
+        # Django's close() only forgets the driver connection when _close() succeeded.
+        conn.connection = None
+    _stats.bump(conn.alias, "discarded")
+    _stats.bump(conn.alias, "discarded_" + reason)
+    level = logging.DEBUG if reason == "max_age" else logging.INFO
+    logger.log(
+        level,
+        "discarded connection %r: %s",
+        conn.alias,
+        reason,
+        extra={"alias": conn.alias, "reason": reason},
+    )
+    connection_discarded.send(sender=type(conn), alias=conn.alias, reason=reason)
+
+
+def _open_wrappers(scope: frozenset[str] | None) -> list[BaseDatabaseWrapper]:
+    return [
+        conn
+        for conn in connections.all(initialized_only=True)
+        if conn.connection is not None
+        and (scope is None or conn.alias in scope)
+        and conn.vendor not in _NO_SERVER_VENDORS
+    ]
+
+
+def server_aliases(scope: frozenset[str] | None) -> list[str]:
+    """The aliases in scope whose backend talks to a server (the ones a unit counts)."""
+    dbs = connections.settings
+    names: Iterable[str] = dbs if scope is None else (a for a in dbs if a in scope)
+    return [a for a in names if "sqlite" not in dbs[a].get("ENGINE", "")]
+
+
+def _warn_atomic(alias: str) -> None:
+    global _warned_atomic
+    if not _warned_atomic:
+        _warned_atomic = True
+        logger.warning(
+            "a unit of work began inside an atomic block on %r: its connection is left alone "
+            "(never closed mid-transaction). Start units outside transaction.atomic().",
+            alias,
+            extra={"alias": alias, "reason": "atomic"},
+        )
+
+
+def _ping(conn: BaseDatabaseWrapper, state: ConnState) -> bool:
+    _stats.bump(conn.alias, "pings")
+    try:
+        state.driver.ping(state.raw)
+    except Exception:  # noqa: BLE001 - any failure of a liveness check means "do not reuse"
+        return False
+    return True
+
+
+def begin(scope: frozenset[str] | None) -> None:
+    """Start-of-unit checks for every open connection in scope, in the current thread."""
+    cfg = conf.get()
+    _stats.bump_units(server_aliases(scope))
+    for conn in _open_wrappers(scope):
+        if conn.in_atomic_block:
+            _stats.bump(conn.alias, "skipped_atomic")
+            _warn_atomic(conn.alias)
+            continue
+        state = _state_of(conn)
+        driver = state.driver
+        if driver.closed(state.raw):
+            discard(conn, "dead")
+            continue
+        verdict = _policy.start_verdict(
+            time.monotonic(),
+            state.deadline,
+            state.last_used,
+            state.idle_limit,
+            cfg.check_after_idle,
+            conn.errors_occurred,
+        )
+        if verdict is None or verdict == _policy.PING:
+            if state.socket_has_news():
+                # MySQL never speaks unasked on an idle session: unread bytes or EOF mean an
+                # error packet or a close (KILL, timeout, shutdown). PostgreSQL may also send
+                # notices or NOTIFY, so there it only earns a ping.
+                if driver.vendor == "mysql":
+                    discard(conn, "dead")
+                    continue
+                verdict = _policy.PING
+        if verdict is None:
+            pass
+        elif verdict == _policy.PING:
+            if not _ping(conn, state):
+                discard(conn, "dead")
+                continue
+            conn.errors_occurred = False
+        else:
+            discard(conn, verdict)
+            continue
+        # freshconn has just vouched for the connection: spare Django's CONN_HEALTH_CHECKS ping.
+        conn.health_check_done = True
+
+
+def end(scope: frozenset[str] | None, exc: BaseException | None) -> None:
+    """End-of-unit steps: drop what an error broke, enforce the lifetime, record the last use."""
+    disconnect = exc is not None and is_disconnect(exc)
+    open_now = _open_wrappers(scope)
+    discarded_for_error = False
+    now = time.monotonic()
+    for conn in open_now:
+        if conn.in_atomic_block:
+            continue
+        state = _state_of(conn)
+        if conn.errors_occurred and (disconnect or _looks_dead(state)):
+            discard(conn, "error")
+            discarded_for_error = True
+        elif now >= state.deadline:
+            discard(conn, "max_age")
+        elif conn.autocommit != conn.settings_dict["AUTOCOMMIT"]:
+            discard(conn, "autocommit")
+        else:
+            state.last_used = now
+    if disconnect and not discarded_for_error:
+        # The error did not pass through Django's wrapper (raw driver use), so no alias is
+        # flagged: drop every open connection in scope rather than risk keeping the dead one.
+        for conn in _open_wrappers(scope):
+            if not conn.in_atomic_block:
+                discard(conn, "error")
+
+
+def _looks_dead(state: ConnState) -> bool:
+    if state.driver.closed(state.raw):
+        return True
+    return state.driver.vendor == "mysql" and state.socket_has_news()
+
+
+class _Depth(threading.local):
+    depth = 0
+
+
+_local = _Depth()
+
+
+def enter(scope: frozenset[str] | None) -> None:
+    """Begin a unit, unless one is already running in this thread (nested units are no-ops)."""
+    if _local.depth:
+        _local.depth += 1
+        return
+    wire()
+    _local.depth = 1
+    try:
+        begin(scope)
+    except BaseException:
+        _local.depth = 0
+        raise
+
+
+def leave(scope: frozenset[str] | None, exc: BaseException | None) -> None:
+    """End a unit; only the outermost one (the depth returns to zero) runs the end steps."""
+    _local.depth -= 1
+    if not _local.depth:
+        end(scope, exc)

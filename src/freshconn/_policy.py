@@ -1,0 +1,61 @@
+"""Pure decisions of the connection lifecycle: numbers in, a verdict out, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["PING", "deadline_for", "effective_idle_limit", "start_verdict"]
+
+#: Verdict meaning "send one liveness round trip before reuse".
+PING = "ping"
+
+#: Lifetimes are shortened by up to this fraction, at random, so that a fleet of workers started
+#: together does not reconnect together; never lengthened, so they stay under infrastructure limits.
+MAX_AGE_JITTER = 0.05
+
+
+def deadline_for(opened_at: float, max_age: float | None, spread: float) -> float:
+    """When a connection opened at ``opened_at`` must be closed; ``spread`` is uniform in [0, 1)."""
+    if max_age is None:
+        return math.inf
+    if max_age <= 0:
+        return opened_at
+    return opened_at + max_age * (1.0 - MAX_AGE_JITTER * spread)
+
+
+def effective_idle_limit(server_limit: float | None) -> float | None:
+    """The idle time after which the server's own limit has (or is about to have) closed the session.
+
+    The margin absorbs the time between our clock read and the server's, and the time it takes
+    the next statement to reach the server: a connection that close is not worth a ping.
+    """
+    if server_limit is None or server_limit <= 0:
+        return None
+    margin = min(max(0.5, 0.05 * server_limit), 60.0)
+    if margin >= server_limit:
+        return server_limit / 2.0
+    return server_limit - margin
+
+
+def start_verdict(
+    now: float,
+    deadline: float,
+    last_used: float,
+    idle_limit: float | None,
+    check_after_idle: float,
+    suspect: bool,
+) -> str | None:
+    """What to do with an open connection at the start of a unit.
+
+    Returns a discard reason ("max_age", "server_idle"), ``PING``, or None (reuse, no round trip).
+    ``suspect`` is true when something seen without I/O (a pending error, unread bytes on an idle
+    socket) makes the connection doubtful but not certainly dead.
+    """
+    if now >= deadline:
+        return "max_age"
+    idle = now - last_used
+    if idle_limit is not None and idle >= idle_limit:
+        return "server_idle"
+    if suspect or idle >= check_after_idle:
+        return PING
+    return None

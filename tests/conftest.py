@@ -1,0 +1,107 @@
+"""Fixtures: one throwaway server per test session, fault injection, per-test connection settings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections
+
+import freshconn
+from freshconn import _lifecycle
+from testbed.servers import MariaDB, PostgreSQL, Server
+
+DRIVER: str = settings.DRIVER
+VENDOR: str = settings.VENDOR
+
+# The server enforces these on the session; the tests idle a little longer than SHORT_TIMEOUT.
+SHORT_TIMEOUT = 2
+IDLE_PAST_TIMEOUT = SHORT_TIMEOUT + 1.2
+
+
+def pytest_report_header() -> str:
+    return f"freshconn driver under test: {DRIVER} ({VENDOR})"
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    """The session's throwaway MariaDB or PostgreSQL server, on a loopback port."""
+    srv: Server = MariaDB() if VENDOR == "mysql" else PostgreSQL()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        for conn in connections.all():
+            _close_quietly(conn)
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(server: Server) -> None:
+    settings.DATABASES["default"]["PORT"] = str(server.port)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:
+        conn.connection = None
+
+
+@pytest.fixture
+def live(transactional_db: None) -> Iterator[None]:
+    """Real transactions on the real server; every connection is closed before the table flush."""
+    for conn in connections.all(initialized_only=True):
+        _close_quietly(conn)
+    freshconn.reset_stats()
+    yield
+    for conn in connections.all(initialized_only=True):
+        if conn.in_atomic_block:
+            conn.in_atomic_block = False
+            conn.atomic_blocks = []
+        _close_quietly(conn)
+
+
+@pytest.fixture
+def dbconf(live: None) -> Iterator[Callable[..., None]]:
+    """Change the default alias's Django settings (CONN_MAX_AGE, OPTIONS...) for one test."""
+    settings_dict = connections["default"].settings_dict
+    saved = {k: settings_dict.get(k) for k in ("CONN_MAX_AGE", "OPTIONS", "CONN_HEALTH_CHECKS")}
+
+    def apply(**changes: Any) -> None:
+        _close_quietly(connections["default"])
+        settings_dict.update(changes)
+
+    yield apply
+    _close_quietly(connections["default"])
+    settings_dict.update(saved)
+
+
+def short_server_timeout_options(seconds: int = SHORT_TIMEOUT) -> dict[str, Any]:
+    """Django OPTIONS that make the server itself drop the session after ``seconds`` idle."""
+    if VENDOR == "mysql":
+        return {"init_command": f"SET SESSION wait_timeout = {seconds}"}
+    return {"options": f"-c idle_session_timeout={seconds * 1000}"}
+
+
+@pytest.fixture
+def short_timeout(dbconf: Callable[..., None]) -> int:
+    """A persistent connection that the server drops after SHORT_TIMEOUT seconds idle."""
+    dbconf(CONN_MAX_AGE=None, OPTIONS=short_server_timeout_options())
+    return SHORT_TIMEOUT
+
+
+def counters(alias: str = "default") -> dict[str, int]:
+    return freshconn.stats().get(alias, {})
+
+
+def wait_until_socket_shows_close(alias: str = "default", timeout: float = 5.0) -> None:
+    """After the server dropped a session, wait until the FIN reached this side of the socket."""
+    conn = connections[alias]
+    state = getattr(conn, _lifecycle._STATE_ATTR)
+    deadline = time.monotonic() + timeout
+    while not state.socket_has_news() and time.monotonic() < deadline:
+        time.sleep(0.01)

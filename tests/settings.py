@@ -1,0 +1,40 @@
+"""Test settings: one real server-backed alias chosen by FRESHCONN_TEST_DRIVER, plus a SQLite alias.
+
+A process can load only one MySQL driver (PyMySQL installs itself as MySQLdb) and one PostgreSQL
+driver (Django prefers psycopg 3 when importable), so each driver runs in its own pytest process.
+HOST and PORT are filled in by tests/conftest.py once it has started the throwaway server.
+"""
+
+import os
+import sys
+
+DRIVER = os.environ.get("FRESHCONN_TEST_DRIVER", "mysqlclient")
+DRIVERS = ("mysqlclient", "pymysql", "psycopg", "psycopg2")
+if DRIVER not in DRIVERS:
+    raise RuntimeError(f"FRESHCONN_TEST_DRIVER must be one of {DRIVERS}, got {DRIVER!r}")
+
+if DRIVER == "pymysql":
+    import pymysql
+
+    pymysql.install_as_MySQLdb()
+elif DRIVER == "psycopg2":
+    sys.modules["psycopg"] = None  # type: ignore[assignment]  # makes Django fall back to psycopg2
+
+VENDOR = "mysql" if DRIVER in ("mysqlclient", "pymysql") else "postgresql"
+
+SECRET_KEY = "tests-only"
+USE_TZ = True
+INSTALLED_APPS = ["freshconn", "tests.app"]
+DATABASES = {
+    "default": {
+        "ENGINE": f"django.db.backends.{VENDOR}",
+        "NAME": "freshconn",
+        "USER": "app",
+        "PASSWORD": "app-secret-pw",
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "CONN_MAX_AGE": None,
+    },
+    "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+}
+LOGGING_CONFIG = None

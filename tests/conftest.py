@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import connections
+from testbed.servers import MariaDB, PostgreSQL, Server
 
 import freshconn
 from freshconn import _lifecycle
-from testbed.servers import MariaDB, PostgreSQL, Server
 
 DRIVER: str = settings.DRIVER
 VENDOR: str = settings.VENDOR

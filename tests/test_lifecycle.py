@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -112,10 +113,8 @@ def test_error_swallowed_inside_unit_still_discards_dead_connection(live):
     with freshconn.unit_of_work():
         select_one()
         kill_connection()
-        try:
+        with contextlib.suppress(OperationalError):
             select_one()
-        except OperationalError:
-            pass
     with freshconn.unit_of_work():
         assert select_one() == 1
     assert counters()["discarded"] == 1

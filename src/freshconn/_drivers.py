@@ -47,7 +47,7 @@ class Driver:
             row = cursor.fetchone()
         finally:
             cursor.close()
-        return row  # type: ignore[no-any-return]
+        return row
 
 
 def _positive(seconds: float | None) -> float | None:
@@ -73,7 +73,7 @@ class MySQLClient(_MySQLBase):
     def fileno(self, raw: Any) -> int | None:
         try:
             return int(raw.fileno())
-        except Exception:
+        except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
             return None
 
     def closed(self, raw: Any) -> bool:
@@ -120,9 +120,7 @@ class _PostgresBase(Driver):
 
     def idle_limit(self, raw: Any) -> float | None:
         # pg_settings has no row for idle_session_timeout before PostgreSQL 14: no limit then.
-        row = self._row(
-            raw, "SELECT setting, unit FROM pg_settings WHERE name = 'idle_session_timeout'"
-        )
+        row = self._row(raw, "SELECT setting, unit FROM pg_settings WHERE name = 'idle_session_timeout'")
         if row is None:
             return None
         value, unit = float(row[0]), row[1]
@@ -135,7 +133,7 @@ class Psycopg3(_PostgresBase):
     def fileno(self, raw: Any) -> int | None:
         try:
             return int(raw.pgconn.socket)
-        except Exception:
+        except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
             return None
 
     def closed(self, raw: Any) -> bool:
@@ -154,7 +152,7 @@ class Psycopg2(_PostgresBase):
     def fileno(self, raw: Any) -> int | None:
         try:
             return int(raw.fileno())
-        except Exception:
+        except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
             return None
 
     def closed(self, raw: Any) -> bool:

@@ -96,7 +96,7 @@ def _pg_gone(exc: BaseException) -> bool:
     if pgconn is not None and getattr(pgconn, "status", 0) == 1:  # libpq CONNECTION_BAD
         return True
     cursor = getattr(exc, "cursor", None)
-    if cursor is not None and getattr(getattr(cursor, "connection", None), "closed", 0):
+    if cursor is not None and getattr(getattr(cursor, "connection", None), "closed", False):
         return True
     text = str(exc).lower()
     return any(m in text for m in _PG_CLIENT_MESSAGES)
@@ -116,9 +116,8 @@ def is_disconnect(exc: BaseException | None) -> bool:
         if root in _MYSQL_MODULES:
             if _mysql_gone(exc):
                 return True
-        elif root in _PG_MODULES:
-            if _pg_gone(exc):
-                return True
+        elif root in _PG_MODULES and _pg_gone(exc):
+            return True
         exc = exc.__cause__
         seen += 1
     return False

@@ -6,12 +6,12 @@ is made, polls idle sockets (no round trip), pings when the policy says so, and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import select
 import threading
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from django.db import connections
@@ -33,7 +33,7 @@ _warned_atomic = False
 class ConnState:
     """What freshconn remembers about one open connection (one per Django wrapper, replaced on reconnect)."""
 
-    __slots__ = ("driver", "raw", "opened_at", "last_used", "deadline", "idle_limit", "poller")
+    __slots__ = ("deadline", "driver", "idle_limit", "last_used", "opened_at", "poller", "raw")
 
     def __init__(self, driver: _drivers.Driver, raw: Any, now: float, deadline: float) -> None:
         self.driver = driver
@@ -82,10 +82,28 @@ def _state_of(conn: BaseDatabaseWrapper) -> ConnState:
     return state
 
 
+class _Thread(threading.local):
+    """Per-thread: unit nesting depth, and the wrappers that connected in this thread by alias.
+
+    Django keeps one wrapper per alias per thread; remembering them here when they connect
+    spares every unit a walk through ``connections`` (an asgiref Local lookup per alias).
+    """
+
+    depth = 0
+    seeded = False
+
+    def __init__(self) -> None:
+        self.wrappers: dict[str, BaseDatabaseWrapper] = {}
+
+
+_local = _Thread()
+
+
 def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     if connection.vendor in _NO_SERVER_VENDORS:
         return
     _stats.bump(connection.alias, "connects")
+    _local.wrappers[connection.alias] = connection
     _new_state(connection, read_limit=True)
 
 
@@ -102,10 +120,9 @@ def wire() -> None:
 
 def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
     """Close ``conn`` now, whatever state its socket is in, and record why."""
-    try:
+    # The connection is being thrown away: its close may fail on a dead socket, and that is fine.
+    with contextlib.suppress(Exception):
         conn.close()
-    except Exception:  # noqa: BLE001 - the connection is being thrown away; its close may fail
-        pass
     if not conn.in_atomic_block:
         # Django's close() only forgets the driver connection when _close() succeeded.
         conn.connection = None
@@ -123,20 +140,36 @@ def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
 
 
 def _open_wrappers(scope: frozenset[str] | None) -> list[BaseDatabaseWrapper]:
+    if not _local.seeded:
+        # Connections this thread opened before freshconn was wired never reached our receiver.
+        _local.seeded = True
+        for conn in connections.all(initialized_only=True):
+            if conn.connection is not None and conn.vendor not in _NO_SERVER_VENDORS:
+                _local.wrappers.setdefault(conn.alias, conn)
     return [
         conn
-        for conn in connections.all(initialized_only=True)
-        if conn.connection is not None
-        and (scope is None or conn.alias in scope)
-        and conn.vendor not in _NO_SERVER_VENDORS
+        for alias, conn in _local.wrappers.items()
+        if conn.connection is not None and (scope is None or alias in scope)
     ]
 
 
-def server_aliases(scope: frozenset[str] | None) -> list[str]:
+_aliases_cache: dict[frozenset[str] | None, tuple[str, ...]] = {}
+
+
+def server_aliases(scope: frozenset[str] | None) -> tuple[str, ...]:
     """The aliases in scope whose backend talks to a server (the ones a unit counts)."""
-    dbs = connections.settings
-    names: Iterable[str] = dbs if scope is None else (a for a in dbs if a in scope)
-    return [a for a in names if "sqlite" not in dbs[a].get("ENGINE", "")]
+    aliases = _aliases_cache.get(scope)
+    if aliases is None:
+        dbs = connections.settings
+        aliases = tuple(a for a in dbs if (scope is None or a in scope) and "sqlite" not in dbs[a].get("ENGINE", ""))
+        _aliases_cache[scope] = aliases
+    return aliases
+
+
+def reset_caches(**kwargs: Any) -> None:
+    """Forget per-settings caches (connected to Django's ``setting_changed``)."""
+    if kwargs.get("setting") in (None, "DATABASES"):
+        _aliases_cache.clear()
 
 
 def _warn_atomic(alias: str) -> None:
@@ -182,15 +215,14 @@ def begin(scope: frozenset[str] | None) -> None:
             cfg.check_after_idle,
             conn.errors_occurred,
         )
-        if verdict is None or verdict == _policy.PING:
-            if state.socket_has_news():
-                # MySQL never speaks unasked on an idle session: unread bytes or EOF mean an
-                # error packet or a close (KILL, timeout, shutdown). PostgreSQL may also send
-                # notices or NOTIFY, so there it only earns a ping.
-                if driver.vendor == "mysql":
-                    discard(conn, "dead")
-                    continue
-                verdict = _policy.PING
+        if (verdict is None or verdict == _policy.PING) and state.socket_has_news():
+            # MySQL never speaks unasked on an idle session: unread bytes or EOF mean an
+            # error packet or a close (KILL, timeout, shutdown). PostgreSQL may also send
+            # notices or NOTIFY, so there it only earns a ping.
+            if driver.vendor == "mysql":
+                discard(conn, "dead")
+                continue
+            verdict = _policy.PING
         if verdict is None:
             pass
         elif verdict == _policy.PING:
@@ -202,7 +234,7 @@ def begin(scope: frozenset[str] | None) -> None:
             discard(conn, verdict)
             continue
         # freshconn has just vouched for the connection: spare Django's CONN_HEALTH_CHECKS ping.
-        conn.health_check_done = True
+        conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
 
 
 def end(scope: frozenset[str] | None, exc: BaseException | None) -> None:
@@ -236,13 +268,6 @@ def _looks_dead(state: ConnState) -> bool:
     if state.driver.closed(state.raw):
         return True
     return state.driver.vendor == "mysql" and state.socket_has_news()
-
-
-class _Depth(threading.local):
-    depth = 0
-
-
-_local = _Depth()
 
 
 def enter(scope: frozenset[str] | None) -> None:

@@ -15,5 +15,6 @@ class FreshconnConfig(AppConfig):
         conf.reset()
         conf.get()
         setting_changed.connect(conf.reset, dispatch_uid="freshconn.conf.reset")
+        setting_changed.connect(_lifecycle.reset_caches, dispatch_uid="freshconn.lifecycle.reset")
         _lifecycle.wire()
         checks.register()

@@ -17,7 +17,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), hint="Correct the FRESHCONN setting.", id="freshconn.E001")]
     messages: list[checks.CheckMessage] = []
-    for alias, db in settings.DATABASES.items():
+    databases: dict[str, dict[str, Any]] = getattr(settings, "DATABASES", {})
+    for alias, db in databases.items():
         if "sqlite" in db.get("ENGINE", ""):
             continue
         max_age = cfg.max_age_for(db)

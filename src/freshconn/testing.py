@@ -25,7 +25,9 @@ def _victim(alias: str) -> tuple[Any, _drivers.Driver, int]:
     driver = _drivers.for_connection(raw)
     backend = driver.backend_id(raw)
     if driver.vendor not in ("mysql", "postgresql") or backend is None:
-        raise ValueError(f"alias {alias!r} uses {conn.vendor!r}: only MySQL/MariaDB and PostgreSQL sessions can be killed")
+        raise ValueError(
+            f"alias {alias!r} uses {conn.vendor!r}: only MySQL/MariaDB and PostgreSQL sessions can be killed"
+        )
     return raw, driver, backend
 
 

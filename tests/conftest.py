@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +44,27 @@ def server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(server: Server) -> None:
     settings.DATABASES["default"]["PORT"] = str(server.port)
+    os.environ["FRESHCONN_TEST_DB_PORT"] = str(server.port)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a real worker subprocess: same driver, same server, same test database.
+
+    Call it from a test that uses ``live`` (the test database exists by then).
+    """
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        FRESHCONN_TEST_DRIVER=DRIVER,
+        FRESHCONN_TEST_DB_PORT=str(connections["default"].settings_dict["PORT"]),
+        FRESHCONN_TEST_DB_NAME=str(connections["default"].settings_dict["NAME"]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")]),
+        **extra,
+    )
+    return env
 
 
 def _close_quietly(conn: Any) -> None:

@@ -28,11 +28,12 @@ INSTALLED_APPS = ["freshconn", "tests.app"]
 DATABASES = {
     "default": {
         "ENGINE": f"django.db.backends.{VENDOR}",
-        "NAME": "freshconn",
+        # Subprocesses (real worker processes in integration tests) inherit these from conftest.
+        "NAME": os.environ.get("FRESHCONN_TEST_DB_NAME", "freshconn"),
         "USER": "app",
         "PASSWORD": "app-secret-pw",
         "HOST": "127.0.0.1",
-        "PORT": "0",
+        "PORT": os.environ.get("FRESHCONN_TEST_DB_PORT", "0"),
         "CONN_MAX_AGE": None,
     },
     "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},

@@ -28,17 +28,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode} before listening on {port}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 def _which(name: str, *patterns: str) -> str:
@@ -58,6 +60,9 @@ class Server:
     tmp: str = ""
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    #: Address to bind; with ``prefix`` (e.g. BlackHoleNet.prefix()) the server runs in a namespace.
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
 
     def __enter__(self) -> Any:
         self.start()
@@ -121,13 +126,14 @@ class MariaDB(Server):
         log = open(os.path.join(self.tmp, "server.log"), "ab")
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 mariadbd,
                 "--no-defaults",
                 "--user=root",
                 f"--datadir={self.datadir}",
                 f"--socket={self.socket}",
                 f"--port={self.port}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.host}",
                 "--skip-name-resolve",
                 "--skip-log-bin",
                 "--innodb-buffer-pool-size=32M",
@@ -139,7 +145,7 @@ class MariaDB(Server):
             stderr=log,
         )
         log.close()
-        wait_port(self.port, proc=self.proc)
+        wait_port(self.port, proc=self.proc, host=self.host)
 
     def restart(self, down_for: float = 0.0) -> None:
         """Stop the server process (keeping its data) and start it again on the same port."""
@@ -168,7 +174,7 @@ class MariaDB(Server):
             "NAME": DB_NAME,
             "USER": APP_USER,
             "PASSWORD": APP_PASSWORD,
-            "HOST": "127.0.0.1",
+            "HOST": self.host,
             "PORT": str(self.port),
             **extra,
         }
@@ -192,6 +198,7 @@ class PostgreSQL(Server):
             hba.write(
                 "local all all trust\n"
                 f"host all {APP_USER} 127.0.0.1/32 scram-sha-256\n"
+                f"host all {APP_USER} 10.0.0.0/8 scram-sha-256\n"
                 "host all all 127.0.0.1/32 trust\n"
             )
         self.port = self.port or free_port()
@@ -206,14 +213,17 @@ class PostgreSQL(Server):
 
     def _launch(self) -> None:
         opts = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.tmp} "
+            f"-p {self.port} -c listen_addresses={self.host} -c unix_socket_directories={self.tmp} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
             + " ".join(self.extra)
         )
-        self._run_as(
-            [self._pg_ctl, "-w", "-D", self.datadir, "-l", os.path.join(self.tmp, "server.log"), "-o", opts, "start"]
-        )
-        wait_port(self.port)
+        cmd = [self._pg_ctl, "-w", "-D", self.datadir, "-l", os.path.join(self.tmp, "server.log"), "-o", opts, "start"]
+        if self.prefix:
+            # Enter the namespace as root, then drop to postgres inside it.
+            subprocess.run([*self.prefix, "runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
+        else:
+            self._run_as(cmd)
+        wait_port(self.port, host=self.host)
 
     def _kill_proc(self) -> None:
         if getattr(self, "datadir", None) and os.path.exists(os.path.join(self.datadir, "postmaster.pid")):

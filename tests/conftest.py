@@ -92,7 +92,9 @@ def live(transactional_db: None) -> Iterator[None]:
 def dbconf(live: None) -> Iterator[Callable[..., None]]:
     """Change the default alias's Django settings (CONN_MAX_AGE, OPTIONS...) for one test."""
     settings_dict = connections["default"].settings_dict
-    saved = {k: settings_dict.get(k) for k in ("CONN_MAX_AGE", "OPTIONS", "CONN_HEALTH_CHECKS")}
+    saved = {
+        k: settings_dict.get(k) for k in ("CONN_MAX_AGE", "OPTIONS", "CONN_HEALTH_CHECKS", "HOST", "PORT", "NAME")
+    }
 
     def apply(**changes: Any) -> None:
         _close_quietly(connections["default"])
@@ -128,3 +130,12 @@ def wait_until_socket_shows_close(alias: str = "default", timeout: float = 5.0) 
     deadline = time.monotonic() + timeout
     while not state.socket_has_news() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def backend_id(alias: str = "default") -> int:
+    """The server-side session id of this thread's connection on ``alias`` (no round trip)."""
+    from freshconn import _drivers
+
+    connections[alias].ensure_connection()
+    raw = connections[alias].connection
+    return int(_drivers.for_connection(raw).backend_id(raw))

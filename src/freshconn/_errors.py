@@ -8,11 +8,13 @@ error classes twice.
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Any
 
 from django.db import OperationalError
+from django.db.backends.base.base import BaseDatabaseWrapper
 
-__all__ = ["AmbiguousCommitError", "is_disconnect"]
+__all__ = ["AmbiguousCommitError", "commit_in_flight", "failed_alias", "is_disconnect", "is_unsent"]
 
 # MySQL / MariaDB client (2xxx) and server error codes that mean the session is gone.
 MYSQL_DISCONNECT_CODES = frozenset(
@@ -59,6 +61,11 @@ _PG_CLIENT_MESSAGES = (
     "ssl syscall error",
     "consuming input failed",
     "lost synchronization with server",
+    # Opening a connection failed: nothing was ever sent, the server is (for now) unreachable.
+    "connection refused",
+    "could not connect to server",
+    "connection to server at",
+    "connection timeout expired",
 )
 
 _MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql")
@@ -121,3 +128,75 @@ def is_disconnect(exc: BaseException | None) -> bool:
         exc = exc.__cause__
         seen += 1
     return False
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and len(out) < 8:
+        out.append(exc)
+        exc = exc.__cause__
+    return out
+
+
+def is_unsent(exc: BaseException) -> bool:
+    """True when the failed statement provably never reached the server.
+
+    MySQL's 2006 is raised when the client finds the session gone before or while sending; a
+    driver that already knows its connection is closed refuses before sending anything. A 2013
+    ("lost during query") or an unexpected EOF after sending may have let the statement run.
+    """
+    for e in _chain(exc):
+        root = _module_root(e)
+        if root in _MYSQL_MODULES:
+            code = e.args[0] if e.args else None
+            if code == 2006 or (code == 0 and _mysql_gone(e)):
+                return True
+        elif root in _PG_MODULES:
+            text = str(e).lower()
+            if "connection already closed" in text or "the connection is closed" in text:
+                return True
+    return False
+
+
+_COMMIT_CODES = frozenset({BaseDatabaseWrapper.commit.__code__, BaseDatabaseWrapper._commit.__code__})  # type: ignore[attr-defined]
+
+
+def _frames(tb: TracebackType | None) -> list[Any]:
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def commit_in_flight(exc: BaseException) -> str | None:
+    """The alias whose COMMIT was interrupted by ``exc``, or None when it did not strike during COMMIT.
+
+    Read from the traceback: the error passed through Django's ``commit()`` of that wrapper.
+    Error path only, so the cost is irrelevant, and no Django method needs patching.
+    """
+    for e in _chain(exc):
+        for frame in _frames(e.__traceback__):
+            code = frame.f_code
+            if code in _COMMIT_CODES or (code.co_name == "_commit" and "self" in frame.f_locals):
+                wrapper = frame.f_locals.get("self")
+                if isinstance(wrapper, BaseDatabaseWrapper):
+                    return wrapper.alias
+    return None
+
+
+def failed_alias(exc: BaseException) -> str | None:
+    """The alias of the innermost Django wrapper or cursor the error passed through, if any."""
+    alias: str | None = None
+    for e in _chain(exc):
+        for frame in _frames(e.__traceback__):
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, BaseDatabaseWrapper):
+                alias = obj.alias
+            else:
+                db = getattr(obj, "db", None)
+                if isinstance(db, BaseDatabaseWrapper):
+                    alias = db.alias
+        if alias is not None:
+            return alias
+    return alias

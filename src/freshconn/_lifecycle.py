@@ -18,7 +18,7 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
 
-from . import _drivers, _policy, _stats, conf
+from . import _drivers, _policy, _reconnect, _sockets, _stats, conf
 from ._errors import is_disconnect
 from .signals import connection_discarded
 
@@ -28,6 +28,8 @@ _STATE_ATTR = "_freshconn_state"
 _POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 _NO_SERVER_VENDORS = frozenset({"sqlite"})
 _warned_atomic = False
+# Discards that may mean the server is down or restarting: worth reconnecting patiently.
+_OUTAGE_REASONS = frozenset({"dead", "error"})
 
 
 class ConnState:
@@ -94,6 +96,7 @@ class _Thread(threading.local):
 
     def __init__(self) -> None:
         self.wrappers: dict[str, BaseDatabaseWrapper] = {}
+        self.outage: set[str] = set()
 
 
 _local = _Thread()
@@ -126,6 +129,8 @@ def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
     if not conn.in_atomic_block:
         # Django's close() only forgets the driver connection when _close() succeeded.
         conn.connection = None
+    if reason in _OUTAGE_REASONS:
+        _local.outage.add(conn.alias)
     _stats.bump(conn.alias, "discarded")
     _stats.bump(conn.alias, "discarded_" + reason)
     level = logging.DEBUG if reason == "max_age" else logging.INFO
@@ -184,10 +189,11 @@ def _warn_atomic(alias: str) -> None:
         )
 
 
-def _ping(conn: BaseDatabaseWrapper, state: ConnState) -> bool:
+def _ping(conn: BaseDatabaseWrapper, state: ConnState, timeout: float) -> bool:
     _stats.bump(conn.alias, "pings")
     try:
-        state.driver.ping(state.raw)
+        with _sockets.bounded(state.driver.fileno(state.raw), timeout):
+            state.driver.ping(state.raw)
     except Exception:  # noqa: BLE001 - any failure of a liveness check means "do not reuse"
         return False
     return True
@@ -226,7 +232,7 @@ def begin(scope: frozenset[str] | None) -> None:
         if verdict is None:
             pass
         elif verdict == _policy.PING:
-            if not _ping(conn, state):
+            if not _ping(conn, state, cfg.ping_timeout):
                 discard(conn, "dead")
                 continue
             conn.errors_occurred = False
@@ -235,6 +241,22 @@ def begin(scope: frozenset[str] | None) -> None:
             continue
         # freshconn has just vouched for the connection: spare Django's CONN_HEALTH_CHECKS ping.
         conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
+    if _local.outage:
+        _reconnect_after_outage(scope, cfg.reconnect_timeout)
+
+
+def _reconnect_after_outage(scope: frozenset[str] | None, timeout: float) -> None:
+    """Reopen, patiently, the connections an outage took from this thread, before the unit's work.
+
+    Only with RECONNECT_TIMEOUT > 0; otherwise the unit's first query connects once, as Django does.
+    """
+    for alias in list(_local.outage):
+        if scope is not None and alias not in scope:
+            continue
+        _local.outage.discard(alias)
+        conn = _local.wrappers.get(alias)
+        if timeout > 0 and conn is not None and conn.connection is None:
+            _reconnect.connect_patiently(conn, timeout)
 
 
 def end(scope: frozenset[str] | None, exc: BaseException | None) -> None:
@@ -268,6 +290,16 @@ def _looks_dead(state: ConnState) -> bool:
     if state.driver.closed(state.raw):
         return True
     return state.driver.vendor == "mysql" and state.socket_has_news()
+
+
+def in_unit() -> bool:
+    """True when a unit of work is running in this thread."""
+    return bool(_local.depth)
+
+
+def in_transaction(scope: frozenset[str] | None) -> bool:
+    """True when an open connection in scope is inside an atomic block in this thread."""
+    return any(conn.in_atomic_block for conn in _open_wrappers(scope))
 
 
 def enter(scope: frozenset[str] | None) -> None:

@@ -59,3 +59,34 @@ def start_verdict(
     if suspect or idle >= check_after_idle:
         return PING
     return None
+
+
+#: Retry verdicts: why a retry is safe, or why it is refused.
+SAFE_IDEMPOTENT = "the caller declared the unit idempotent"
+SAFE_NOTHING_APPLIED = "nothing the failed attempt did can have been applied"
+UNSAFE_COMMIT = "the connection was lost while COMMIT was in flight"
+UNSAFE_APPLIED = "a write had already been applied (autocommit or a committed transaction)"
+UNSAFE_IN_FLIGHT = "a write in autocommit was in flight and may have been applied"
+
+
+def retry_verdict(
+    *,
+    idempotent: bool,
+    commit_in_flight: bool,
+    applied: bool,
+    write_in_flight: bool,
+) -> tuple[bool, str]:
+    """Whether a unit that failed with a disconnect may run again, and the reason, in words.
+
+    Writes inside a transaction the disconnect rolled back do not count as applied: the server
+    discards an uncommitted transaction when its session dies.
+    """
+    if idempotent:
+        return True, SAFE_IDEMPOTENT
+    if commit_in_flight:
+        return False, UNSAFE_COMMIT
+    if applied:
+        return False, UNSAFE_APPLIED
+    if write_in_flight:
+        return False, UNSAFE_IN_FLIGHT
+    return True, SAFE_NOTHING_APPLIED

@@ -19,6 +19,9 @@ COUNTERS = (
     "discarded_error",  # a disconnect-class error during the unit
     "discarded_autocommit",  # the unit left autocommit in a state Django does not expect
     "skipped_atomic",  # unit began inside the caller's atomic block: connection left alone
+    "retries",  # units run again after a disconnect, because that was provably safe
+    "not_retried_unsafe",  # disconnects after which a retry was refused: it could apply a write twice
+    "retries_exhausted",  # disconnects still failing after the last allowed retry
 )
 
 _lock = threading.Lock()

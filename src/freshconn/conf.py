@@ -16,6 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 __all__ = ["Config", "get", "load", "reset"]
 
 DEFAULT_CHECK_AFTER_IDLE = 5.0
+DEFAULT_PING_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,10 @@ class Config:
     max_age_override: bool = False
     #: The override's value: seconds, or None for unlimited. Meaningless unless max_age_override.
     conn_max_age: float | None = None
+    #: A liveness check on a connection whose packets vanish fails after this long instead of hanging.
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
+    #: After an outage, keep trying to reconnect for up to this long at the start of a unit (0: one try).
+    reconnect_timeout: float = 0.0
 
     def max_age_for(self, settings_dict: dict[str, Any]) -> float | None:
         """The lifetime of a connection used in units, for the alias with these Django settings."""
@@ -35,7 +40,7 @@ class Config:
         return None if value is None else float(value)
 
 
-KNOWN_KEYS = ("CHECK_AFTER_IDLE", "CONN_MAX_AGE")
+KNOWN_KEYS = ("CHECK_AFTER_IDLE", "CONN_MAX_AGE", "PING_TIMEOUT", "RECONNECT_TIMEOUT")
 
 
 def _seconds(key: str, value: Any, *, allow_none: bool) -> float | None:
@@ -75,7 +80,21 @@ def load(raw: Any = None) -> Config:
     assert check is not None
     override = "CONN_MAX_AGE" in raw
     max_age = _seconds("CONN_MAX_AGE", raw["CONN_MAX_AGE"], allow_none=True) if override else None
-    return Config(check_after_idle=check, max_age_override=override, conn_max_age=max_age)
+    ping = _seconds("PING_TIMEOUT", raw.get("PING_TIMEOUT", DEFAULT_PING_TIMEOUT), allow_none=False)
+    if not ping:
+        raise ImproperlyConfigured(
+            "FRESHCONN['PING_TIMEOUT'] must be above 0: an unbounded liveness check can hang forever "
+            "on a silently dropped connection. Fix: use e.g. 5.0."
+        )
+    reconnect = _seconds("RECONNECT_TIMEOUT", raw.get("RECONNECT_TIMEOUT", 0.0), allow_none=False)
+    assert reconnect is not None
+    return Config(
+        check_after_idle=check,
+        max_age_override=override,
+        conn_max_age=max_age,
+        ping_timeout=ping,
+        reconnect_timeout=reconnect,
+    )
 
 
 _current: Config | None = None

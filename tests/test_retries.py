@@ -1,0 +1,289 @@
+"""Retries after a disconnect: only when provably safe; COMMIT lost in flight is ambiguous; real kills."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from django.db import Error, OperationalError, connection, transaction
+
+import freshconn
+from freshconn.testing import kill_connection
+from tests.app.models import Order
+from tests.conftest import VENDOR, backend_id, counters
+
+pytestmark = pytest.mark.server
+
+
+def test_reads_only_killed_mid_unit_are_retried(live):
+    """A unit that had only read when its connection was killed runs again and returns the right result."""
+    Order.objects.create(ref="r-1", qty=7)
+    calls = []
+
+    @freshconn.unit_of_work(retries=2)
+    def total() -> int:
+        calls.append(1)
+        first = Order.objects.get(ref="r-1").qty
+        if len(calls) == 1:
+            kill_connection()
+        return first + Order.objects.get(ref="r-1").qty
+
+    assert total() == 14
+    assert len(calls) == 2
+    assert counters()["retries"] == 1
+    assert counters()["not_retried_unsafe"] == 0
+
+
+def test_autocommit_write_then_kill_is_not_retried(live):
+    """After an applied autocommit INSERT, a later disconnect reaches the caller and no second row appears."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=3)
+    def write_then_read() -> None:
+        calls.append(1)
+        Order.objects.create(ref="w-1")
+        kill_connection()
+        Order.objects.count()
+
+    with pytest.raises(OperationalError) as err:
+        write_then_read()
+    assert freshconn.is_disconnect(err.value)
+    assert not isinstance(err.value, freshconn.AmbiguousCommitError)
+    assert len(calls) == 1
+    assert Order.objects.filter(ref="w-1").count() == 1
+    assert counters()["not_retried_unsafe"] == 1
+    assert counters()["retries"] == 0
+
+
+def test_kill_inside_atomic_retries_the_whole_transaction_once(live):
+    """Writes inside a transaction the disconnect rolled back are retried, leaving exactly one committed copy."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=2)
+    def transfer() -> None:
+        calls.append(1)
+        with transaction.atomic():
+            Order.objects.create(ref="tx-a")
+            if len(calls) == 1:
+                kill_connection()
+            Order.objects.create(ref="tx-b")
+
+    transfer()
+    assert len(calls) == 2
+    assert sorted(Order.objects.values_list("ref", flat=True)) == ["tx-a", "tx-b"]
+    assert counters()["retries"] == 1
+
+
+def test_committed_transaction_then_kill_is_not_retried(live):
+    """Once a transaction has committed, a later disconnect in the same unit is not retried."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=2)
+    def two_steps() -> None:
+        calls.append(1)
+        with transaction.atomic():
+            Order.objects.create(ref="c-1")
+        kill_connection()
+        Order.objects.count()
+
+    with pytest.raises(OperationalError):
+        two_steps()
+    assert len(calls) == 1
+    assert Order.objects.filter(ref="c-1").count() == 1
+    assert counters()["not_retried_unsafe"] == 1
+
+
+def test_idempotent_unit_is_retried_after_an_autocommit_write(live):
+    """With idempotent=True the caller vouches for replays, so an applied write does not block the retry."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=2, idempotent=True)
+    def upsert() -> None:
+        calls.append(1)
+        Order.objects.get_or_create(ref="i-1")
+        if len(calls) == 1:
+            kill_connection()
+        Order.objects.count()
+
+    upsert()
+    assert len(calls) == 2
+    assert Order.objects.filter(ref="i-1").count() == 1
+    assert counters()["retries"] == 1
+
+
+def test_retries_are_exhausted_then_the_error_surfaces(live):
+    """A unit that keeps losing its connection is retried N times, then the disconnect reaches the caller."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=2)
+    def doomed() -> None:
+        calls.append(1)
+        Order.objects.count()
+        kill_connection()
+        Order.objects.count()
+
+    with pytest.raises(OperationalError):
+        doomed()
+    assert len(calls) == 3
+    assert counters()["retries"] == 2
+    assert counters()["retries_exhausted"] == 1
+
+
+def test_non_disconnect_errors_are_never_retried(live):
+    """An IntegrityError is the application's business: no retry, no discard."""
+    Order.objects.create(ref="dup")
+    calls = []
+
+    @freshconn.unit_of_work(retries=3)
+    def dup() -> None:
+        calls.append(1)
+        Order.objects.create(ref="dup")
+
+    with pytest.raises(Error):
+        dup()
+    assert len(calls) == 1
+    assert counters()["discarded"] == 0
+
+
+def test_with_block_cannot_take_retries(live):
+    """A with block cannot be re-run, so asking it for retries fails loudly and says what to do."""
+    with pytest.raises(TypeError, match="decorator form"), freshconn.unit_of_work(retries=1):
+        pass
+
+
+def test_nested_retrying_unit_runs_once(live):
+    """Inside an outer unit, a retrying function is not re-run: only the outermost unit can start afresh."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=3)
+    def inner() -> None:
+        calls.append(1)
+        Order.objects.count()
+        kill_connection()
+        Order.objects.count()
+
+    with pytest.raises(OperationalError), freshconn.unit_of_work():
+        inner()
+    assert len(calls) == 1
+
+
+def _slow_write_sql() -> str:
+    if VENDOR == "mysql":
+        return "INSERT INTO app_order (ref, qty) SELECT 'slow-w', SLEEP(3)"
+    return "INSERT INTO app_order (ref, qty) SELECT 'slow-w', 1 FROM pg_sleep(3)"
+
+
+def _session_state_sql(session: int) -> str:
+    if VENDOR == "mysql":
+        return f"SELECT CONCAT(COALESCE(STATE, ''), '|', COALESCE(INFO, '')) FROM information_schema.PROCESSLIST WHERE ID = {session}"
+    return f"SELECT state || '|' || query FROM pg_stat_activity WHERE pid = {session}"
+
+
+def _kill_sql(session: int) -> str:
+    return f"KILL {session}" if VENDOR == "mysql" else f"SELECT pg_terminate_backend({session})"
+
+
+class KillWhen(threading.Thread):
+    """Kills a session from the admin side as soon as its server-side state matches ``needle``."""
+
+    def __init__(self, server, session: int, needle: str, timeout: float = 10.0) -> None:
+        super().__init__(daemon=True)
+        self.server, self.session, self.needle, self.timeout = server, session, needle.lower(), timeout
+        self.killed = False
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            state = self.server.admin_sql(_session_state_sql(self.session)).strip().lower()
+            if self.needle in state:
+                self.server.admin_sql(_kill_sql(self.session))
+                self.killed = True
+                return
+            time.sleep(0.03)
+
+
+def test_write_in_flight_in_autocommit_is_not_retried(live, server):
+    """A connection lost while an autocommit write is running may have applied it: never retried."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=3)
+    def slow_insert() -> None:
+        calls.append(1)
+        killer = KillWhen(server, backend_id(), "slow-w")
+        killer.start()
+        with connection.cursor() as cursor:
+            cursor.execute(_slow_write_sql())
+        killer.join()
+
+    with pytest.raises(OperationalError):
+        slow_insert()
+    assert len(calls) == 1
+    assert counters()["not_retried_unsafe"] == 1
+
+
+@pytest.fixture
+def commit_blocker(server) -> Iterator[None]:
+    """Make the next COMMIT of a transaction that wrote an 'amb-%' order hang on the server."""
+    if VENDOR == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE OR REPLACE FUNCTION fc_slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$"
+            )
+            cursor.execute(
+                "CREATE CONSTRAINT TRIGGER fc_slow_commit AFTER INSERT ON app_order DEFERRABLE INITIALLY DEFERRED "
+                "FOR EACH ROW WHEN (NEW.ref LIKE 'amb-%%') EXECUTE FUNCTION fc_slow_commit()"
+            )
+        connection.close()
+        yield
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER fc_slow_commit ON app_order")
+        return
+    # MariaDB: a global read lock held by another session blocks COMMIT ("Waiting for commit lock").
+    import MySQLdb
+
+    holder = MySQLdb.connect(unix_socket=server.socket, user="root")
+    try:
+        yield holder
+    finally:
+        holder.cursor().execute("UNLOCK TABLES")
+        holder.close()
+
+
+def _block_commits(blocker) -> None:
+    if VENDOR == "mysql":
+        blocker.cursor().execute("FLUSH TABLES WITH READ LOCK")
+
+
+@pytest.mark.parametrize("form", ["decorator", "with"])
+def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, commit_blocker, form):
+    """Losing the connection while COMMIT is in flight raises AmbiguousCommitError and is never retried."""
+    calls = []
+
+    def body() -> None:
+        calls.append(1)
+        with transaction.atomic():
+            Order.objects.create(ref="amb-1")
+            _block_commits(commit_blocker)
+            killer = KillWhen(server, backend_id(), "commit")
+            killer.start()
+        killer.join()
+
+    with pytest.raises(freshconn.AmbiguousCommitError) as err:
+        if form == "decorator":
+            freshconn.unit_of_work(retries=3)(body)()
+        else:
+            with freshconn.unit_of_work():
+                body()
+    assert len(calls) == 1
+    exc = err.value
+    assert isinstance(exc, OperationalError)
+    assert freshconn.is_disconnect(exc)
+    assert exc.__cause__ is not None
+    assert "Verify the outcome" in str(exc)
+    assert "app-secret-pw" not in str(exc)
+    assert connection.connection is None
+    if form == "decorator":
+        assert counters()["not_retried_unsafe"] == 1

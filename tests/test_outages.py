@@ -1,0 +1,201 @@
+"""Outages around a unit: server restarts, a server that is down, proxies that drop idle clients, black holes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connection
+from django.test import override_settings
+
+import freshconn
+from testbed.netns import BlackHoleNet
+from testbed.proxies import HAProxy, PgBouncer
+from testbed.servers import MariaDB, PostgreSQL, Server
+from tests.conftest import VENDOR, counters
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def select_one() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        return int(cursor.fetchone()[0])
+
+
+def unit_select() -> int:
+    with freshconn.unit_of_work():
+        return select_one()
+
+
+def test_server_restart_while_idle_next_unit_succeeds(live, server):
+    """A server restart between units costs the worker nothing: the next unit reconnects."""
+    unit_select()
+    server.restart()
+    assert unit_select() == 1
+    assert counters()["discarded_dead"] == 1
+    assert counters()["connects"] == 2
+
+
+def test_server_down_fails_fast_then_worker_resumes_on_its_own(dbconf, server):
+    """With the server down a unit fails at once with a disconnect error; once it is back, units succeed."""
+    dbconf(OPTIONS={"connect_timeout": 3})
+    unit_select()
+    server.down()
+    try:
+        for _ in range(2):
+            with pytest.raises(OperationalError) as err:
+                unit_select()
+            assert freshconn.is_disconnect(err.value)
+            assert "app-secret-pw" not in str(err.value)
+    finally:
+        server.up()
+    assert unit_select() == 1
+
+
+def test_reconnect_timeout_rides_through_a_short_restart(dbconf, server):
+    """With RECONNECT_TIMEOUT, a unit that starts while the server restarts waits for it and succeeds."""
+    dbconf(OPTIONS={"connect_timeout": 3})
+    unit_select()
+    server.down()
+    timer = threading.Timer(1.5, server.up)
+    timer.start()
+    try:
+        with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 20.0}):
+            assert unit_select() == 1
+    finally:
+        timer.join()
+    assert counters()["discarded_dead"] == 1
+
+
+def test_without_reconnect_timeout_a_unit_during_a_restart_fails(dbconf, server):
+    """For contrast: with the default RECONNECT_TIMEOUT of 0, the same unit fails while the server is down."""
+    dbconf(OPTIONS={"connect_timeout": 3})
+    unit_select()
+    server.down()
+    try:
+        with pytest.raises(OperationalError):
+            unit_select()
+    finally:
+        server.up()
+
+
+@pytest.fixture(scope="module")
+def proxy(server: Server) -> Iterator[Server]:
+    """HAProxy (MariaDB) or PgBouncer (PostgreSQL) that drops a client idle for 2 s; the server never does."""
+    srv: Server = HAProxy(server.port, idle_timeout=2) if VENDOR == "mysql" else PgBouncer(server.port, client_idle_timeout=2)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_proxy_dropping_idle_clients_next_unit_succeeds(dbconf, proxy):
+    """A proxy that drops idle clients (the server's own limit says hours) never breaks the next unit."""
+    options: dict[str, Any] = {"prepare_threshold": None} if VENDOR == "postgresql" and _psycopg3() else {}
+    dbconf(PORT=str(proxy.port), OPTIONS=options)
+    unit_select()
+    time.sleep(3.0)
+    assert unit_select() == 1
+    c = counters()
+    assert c["discarded"] == 1
+    assert c["connects"] == 2
+
+
+def test_proxy_drop_without_freshconn_breaks_the_query(dbconf, proxy):
+    """For contrast: without freshconn the first query after the proxy's idle drop fails."""
+    options: dict[str, Any] = {"prepare_threshold": None} if VENDOR == "postgresql" and _psycopg3() else {}
+    dbconf(PORT=str(proxy.port), OPTIONS=options)
+    select_one()
+    time.sleep(3.0)
+    with pytest.raises(Exception) as err:
+        select_one()
+    assert freshconn.is_disconnect(err.value)
+
+
+def _psycopg3() -> bool:
+    return type(connection).__module__.startswith("django.db.backends.postgresql") and (
+        connection.Database.__name__ == "psycopg"
+    )
+
+
+@pytest.fixture(scope="module")
+def black_hole() -> Iterator[tuple[BlackHoleNet, Server]]:
+    """A server inside a network namespace whose port can silently drop every packet."""
+    net = BlackHoleNet()
+    net.start()
+    srv: Server = (MariaDB if VENDOR == "mysql" else PostgreSQL)(host=net.ns_ip, prefix=net.prefix())
+    try:
+        srv.start()
+        yield net, srv
+    finally:
+        srv.stop()
+        net.stop()
+
+
+class Worker(threading.Thread):
+    """A worker thread running units on demand: it owns its connection, as a real worker does."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.outcome: Any = None
+        self.stop = False
+
+    def run(self) -> None:
+        from django.db import connections
+
+        try:
+            while True:
+                self.go.wait()
+                self.go.clear()
+                if self.stop:
+                    return
+                try:
+                    self.outcome = unit_select()
+                except BaseException as exc:
+                    self.outcome = exc
+                self.done.set()
+        finally:
+            connections.close_all()
+
+    def unit(self, limit: float) -> tuple[bool, Any]:
+        """Run one unit in the worker; (finished within ``limit``, result or exception)."""
+        self.done.clear()
+        self.go.set()
+        return self.done.wait(limit), self.outcome
+
+    def finish(self) -> None:
+        self.stop = True
+        self.go.set()
+        self.join(10)
+
+
+def test_black_hole_while_idle_fails_within_bound_then_recovers(dbconf, black_hole):
+    """When the path silently drops packets, the next unit neither hangs nor keeps the dead connection."""
+    net, srv = black_hole
+    dbconf(HOST=srv.host, PORT=str(srv.port), NAME="freshconn", OPTIONS={"connect_timeout": 2})
+    worker = Worker()
+    worker.start()
+    try:
+        with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 0.3, "PING_TIMEOUT": 1.0}):
+            assert worker.unit(10.0) == (True, 1)
+            time.sleep(0.5)
+            net.drop(srv.port)
+            try:
+                # Ping bounded by PING_TIMEOUT (~1 s), then reconnect bounded by connect_timeout (2 s).
+                finished, outcome = worker.unit(15.0)
+            finally:
+                net.restore()
+            assert finished, "the unit hung on a black-holed connection"
+            assert isinstance(outcome, OperationalError)
+            assert freshconn.is_disconnect(outcome)
+            assert counters()["pings"] == 1
+            assert counters()["discarded_dead"] == 1
+            assert worker.unit(10.0) == (True, 1)
+            assert counters()["connects"] == 2
+    finally:
+        worker.finish()

@@ -1,0 +1,99 @@
+"""Chaos: a worker drains a real Redis queue while another thread keeps killing its connections."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from django.db import OperationalError
+
+import freshconn
+from testbed.redis import Redis
+from tests.app.models import Order
+from tests.conftest import VENDOR, counters
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+MESSAGES = 2000
+
+
+@pytest.fixture
+def queue() -> Iterator[Redis]:
+    with Redis() as srv:
+        yield srv
+
+
+class Killer(threading.Thread):
+    """Kills every session of the app user, from the admin side, at random short intervals."""
+
+    def __init__(self, server) -> None:
+        super().__init__(daemon=True)
+        self.server = server
+        self.stop = threading.Event()
+        self.kills = 0
+
+    def _sessions(self) -> list[int]:
+        sql = (
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'app'"
+            if VENDOR == "mysql"
+            else "SELECT pid FROM pg_stat_activity WHERE usename = 'app'"
+        )
+        return [int(x) for x in self.server.admin_sql(sql).split()]
+
+    def run(self) -> None:
+        while not self.stop.wait(random.uniform(0.01, 0.08)):
+            for session in self._sessions():
+                try:
+                    self.server.admin_sql(f"KILL {session}" if VENDOR == "mysql" else f"SELECT pg_terminate_backend({session})")
+                    self.kills += 1
+                except Exception:
+                    pass  # the session ended on its own meanwhile
+
+
+def test_chaos_every_message_applied_exactly_once_without_restart(live, server, queue, capsys):
+    """Thousands of messages, random kills: every message is applied exactly once and the loop never dies."""
+    client = queue.client()
+    client.rpush("jobs", *[f"m-{i}" for i in range(MESSAGES)])
+
+    @freshconn.unit_of_work(retries=5, idempotent=True)
+    def apply(ref: str) -> None:
+        Order.objects.get_or_create(ref=ref, defaults={"qty": 1})
+
+    killer = Killer(server)
+    killer.start()
+    surfaced = 0
+    handled = 0
+    try:
+        while True:
+            # Reliable queue: the message stays in "processing" until the unit succeeded.
+            raw = client.lmove("jobs", "processing", "LEFT", "RIGHT")
+            if raw is None:
+                break
+            ref = raw.decode()
+            try:
+                apply(ref)
+            except OperationalError:
+                surfaced += 1
+                client.lmove("processing", "jobs", "RIGHT", "RIGHT")  # back to the queue, nothing lost
+                continue
+            client.lrem("processing", 1, raw)
+            handled += 1
+    finally:
+        killer.stop.set()
+        killer.join()
+        client.close()
+    c = counters()
+    with capsys.disabled():
+        print(
+            f"\n[chaos {VENDOR}] messages={MESSAGES} handled={handled} kills={killer.kills} "
+            f"retries={c['retries']} errors_surfaced={surfaced} discarded={c['discarded']} connects={c['connects']}"
+        )
+    with freshconn.unit_of_work():  # the killer may have hit the connection after the last message
+        refs = list(Order.objects.values_list("ref", flat=True))
+    assert len(refs) == MESSAGES
+    assert set(refs) == {f"m-{i}" for i in range(MESSAGES)}
+    assert killer.kills > 0
+    assert c["discarded"] > 0

@@ -5,6 +5,7 @@ driver (Django prefers psycopg 3 when importable), so each driver runs in its ow
 HOST and PORT are filled in by tests/conftest.py once it has started the throwaway server.
 """
 
+import json
 import os
 import sys
 
@@ -35,7 +36,9 @@ DATABASES = {
         "HOST": "127.0.0.1",
         "PORT": os.environ.get("FRESHCONN_TEST_DB_PORT", "0"),
         "CONN_MAX_AGE": None,
+        # Real worker subprocesses get per-test OPTIONS (e.g. a short server idle timeout) as JSON.
+        "OPTIONS": json.loads(os.environ.get("FRESHCONN_TEST_DB_OPTIONS", "{}")),
     },
-    "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:", "TEST": {"DEPENDENCIES": []}},
 }
 LOGGING_CONFIG = None

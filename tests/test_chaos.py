@@ -85,6 +85,7 @@ def test_chaos_every_message_applied_exactly_once_without_restart(live, server, 
         killer.stop.set()
         killer.join()
         client.close()
+    time.sleep(0.3)  # let the last kill's FIN arrive: pg_terminate_backend returns before the backend exits
     c = counters()
     with capsys.disabled():
         print(

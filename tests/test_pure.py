@@ -1,0 +1,242 @@
+"""Pure parts, no server: settings validation, error classification, policy decisions, SQL classification."""
+
+from __future__ import annotations
+
+import math
+
+import pymysql
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.db import OperationalError
+from django.test import override_settings
+
+import freshconn
+from freshconn import _policy, conf
+from freshconn._retry import COMMIT, NEUTRAL, READ, WRITE, classify
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"CHECK_AFTER_IDLE": "5"}, "CHECK_AFTER_IDLE"),
+        ({"CHECK_AFTER_IDLE": -1}, "CHECK_AFTER_IDLE"),
+        ({"CHECK_AFTER_IDLE": math.nan}, "CHECK_AFTER_IDLE"),
+        ({"CHECK_AFTER_IDLE": True}, "CHECK_AFTER_IDLE"),
+        ({"CONN_MAX_AGE": "forever"}, "CONN_MAX_AGE"),
+        ({"CONN_MAX_AGE": -5}, "CONN_MAX_AGE"),
+        ({"PING_TIMEOUT": 0}, "PING_TIMEOUT"),
+        ({"RECONNECT_TIMEOUT": math.inf}, "RECONNECT_TIMEOUT"),
+        ({"CHECK_AFTER_IDEL": 5}, "CHECK_AFTER_IDEL"),
+        (["CHECK_AFTER_IDLE"], "must be a dict"),
+    ],
+)
+def test_bad_settings_fail_loudly_naming_the_setting(raw, needle):
+    """Every invalid FRESHCONN value is rejected with the offending key's name and a fix."""
+    with pytest.raises(ImproperlyConfigured) as err:
+        conf.load(raw)
+    assert needle in str(err.value)
+    assert "Fix" in str(err.value)
+
+
+def test_good_settings_are_read_with_types_and_defaults():
+    """Valid settings come back as floats; CONN_MAX_AGE None means an unlimited override."""
+    cfg = conf.load({"CHECK_AFTER_IDLE": 2, "CONN_MAX_AGE": None, "RECONNECT_TIMEOUT": 30})
+    assert cfg.check_after_idle == 2.0
+    assert cfg.max_age_override and cfg.conn_max_age is None
+    assert cfg.max_age_for({"CONN_MAX_AGE": 0}) is None
+    assert cfg.reconnect_timeout == 30.0
+    assert cfg.ping_timeout == conf.DEFAULT_PING_TIMEOUT
+    assert conf.load({}).max_age_for({"CONN_MAX_AGE": 60}) == 60.0
+
+
+def test_start_up_fails_on_a_bad_setting():
+    """The app's ready() validates FRESHCONN, so a bad value stops the process at start-up."""
+    from django.apps import apps
+
+    with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": "soon"}), pytest.raises(ImproperlyConfigured):
+        apps.get_app_config("freshconn").ready()
+
+
+def test_settings_change_is_picked_up():
+    """override_settings(FRESHCONN=...) takes effect at once (the cached config is reset)."""
+    with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 0.5}):
+        assert conf.get().check_after_idle == 0.5
+    assert conf.get().check_after_idle == conf.DEFAULT_CHECK_AFTER_IDLE
+
+
+def test_system_check_warns_when_check_after_idle_is_not_below_the_lifetime():
+    """freshconn.W001 fires through manage.py check when CHECK_AFTER_IDLE >= the connection lifetime."""
+    from django.core.management.base import SystemCheckError
+
+    with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 60, "CONN_MAX_AGE": 30}):
+        with pytest.raises(SystemCheckError) as err:
+            call_command("check", "--fail-level", "WARNING")
+        assert "freshconn.W001" in str(err.value)
+
+
+@pytest.mark.parametrize("code", [2006, 2013, 2055, 4031, 1927, 1053, 2014, 2002, 2003])
+def test_mysql_disconnect_codes_are_disconnects(code):
+    """Every MySQL/MariaDB 'connection gone' code is a disconnect, raw or wrapped by Django."""
+    raw = pymysql.err.OperationalError(code, "whatever the text says")
+    assert freshconn.is_disconnect(raw)
+    wrapped = OperationalError(*raw.args)
+    wrapped.__cause__ = raw
+    assert freshconn.is_disconnect(wrapped)
+
+
+@pytest.mark.parametrize("code", [1062, 1205, 1213, 1064, 1146])
+def test_mysql_application_errors_are_not_disconnects(code):
+    """Duplicate key, lock wait timeout, deadlock, syntax error and missing table keep the connection."""
+    assert not freshconn.is_disconnect(pymysql.err.OperationalError(code, "MySQL server has gone away"))
+
+
+def test_mysql_interface_error_zero_is_a_disconnect():
+    """PyMySQL's InterfaceError(0, '') on a dropped connection counts, but a bare OperationalError(0) does not."""
+    assert freshconn.is_disconnect(pymysql.err.InterfaceError(0, ""))
+    assert not freshconn.is_disconnect(pymysql.err.OperationalError(0, ""))
+
+
+@pytest.mark.parametrize("sqlstate", ["08006", "08003", "08P01", "57P01", "57P02", "57P03", "57P05", "25P03"])
+def test_postgres_sqlstates_are_disconnects(sqlstate):
+    """psycopg 3 errors carrying a connection-class SQLSTATE are disconnects."""
+    import psycopg
+
+    cls = psycopg.errors.lookup(sqlstate)
+    assert freshconn.is_disconnect(cls("x"))
+
+
+@pytest.mark.parametrize("sqlstate", ["23505", "40001", "40P01", "57014", "42601"])
+def test_postgres_application_sqlstates_are_not_disconnects(sqlstate):
+    """Unique violation, serialization failure, deadlock, statement timeout and syntax errors are not."""
+    import psycopg
+
+    cls = psycopg.errors.lookup(sqlstate)
+    assert not freshconn.is_disconnect(cls("server closed the connection unexpectedly"))
+
+
+def test_libpq_client_side_messages_without_code_are_disconnects():
+    """libpq's code-less client errors are recognised for both psycopg 3 and psycopg2."""
+    import psycopg
+    import psycopg2
+
+    assert freshconn.is_disconnect(psycopg.OperationalError("the connection is closed"))
+    assert freshconn.is_disconnect(psycopg2.InterfaceError("connection already closed"))
+    assert freshconn.is_disconnect(psycopg2.OperationalError("server closed the connection unexpectedly"))
+    assert not freshconn.is_disconnect(psycopg2.OperationalError("canceling statement due to user request"))
+
+
+def test_unrelated_errors_are_not_disconnects():
+    """Python errors, and errors merely raised while handling a disconnect, are not disconnects."""
+    assert not freshconn.is_disconnect(ValueError("server closed the connection unexpectedly"))
+    assert not freshconn.is_disconnect(None)
+    try:
+        try:
+            raise pymysql.err.OperationalError(2006, "gone")
+        except pymysql.err.OperationalError:
+            raise KeyError("unrelated") from None
+    except KeyError as exc:
+        assert not freshconn.is_disconnect(exc)
+
+
+def test_ambiguous_commit_error_is_an_operational_disconnect():
+    """AmbiguousCommitError is a Django OperationalError that is_disconnect() recognises."""
+    exc = freshconn.AmbiguousCommitError("lost during COMMIT")
+    assert isinstance(exc, OperationalError)
+    assert freshconn.is_disconnect(exc)
+
+
+def test_start_verdict_orders_reasons():
+    """Lifetime first, then the server's idle limit, then the idle check; busy connections get nothing."""
+    v = _policy.start_verdict
+    assert v(10.0, 9.0, 9.9, None, 5.0, False) == "max_age"
+    assert v(10.0, math.inf, 0.0, 8.0, 5.0, False) == "server_idle"
+    assert v(10.0, math.inf, 4.0, 8.0, 5.0, False) == _policy.PING
+    assert v(10.0, math.inf, 9.0, 8.0, 5.0, False) is None
+    assert v(10.0, math.inf, 9.0, 8.0, 5.0, True) == _policy.PING
+
+
+def test_deadline_jitter_only_shortens_lifetimes():
+    """Jitter spreads lifetimes by at most 5 % and never past the configured maximum."""
+    assert _policy.deadline_for(100.0, None, 0.5) == math.inf
+    assert _policy.deadline_for(100.0, 0, 0.5) == 100.0
+    assert _policy.deadline_for(100.0, 60, 0.0) == 160.0
+    assert 157.0 <= _policy.deadline_for(100.0, 60, 0.999) < 160.0
+
+
+def test_effective_idle_limit_keeps_a_margin():
+    """A server idle limit is trusted minus a margin, and 0 means no limit."""
+    assert _policy.effective_idle_limit(None) is None
+    assert _policy.effective_idle_limit(0) is None
+    assert _policy.effective_idle_limit(28800) == 28800 - 60
+    assert _policy.effective_idle_limit(2) == 1.5
+    assert _policy.effective_idle_limit(0.5) == 0.25
+
+
+def test_retry_verdict_rules():
+    """Only idempotent units, or units that applied nothing, are retried; COMMIT in flight never is."""
+    rv = _policy.retry_verdict
+    assert rv(idempotent=False, commit_in_flight=False, applied=False, write_in_flight=False)[0]
+    assert not rv(idempotent=False, commit_in_flight=True, applied=False, write_in_flight=False)[0]
+    assert not rv(idempotent=False, commit_in_flight=False, applied=True, write_in_flight=False)[0]
+    assert not rv(idempotent=False, commit_in_flight=False, applied=False, write_in_flight=True)[0]
+    assert rv(idempotent=True, commit_in_flight=True, applied=True, write_in_flight=True)[0]
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("SELECT 1", READ),
+        ("  /* hint */ select * from t", READ),
+        ("(SELECT 1) UNION (SELECT 2)", READ),
+        ("SELECT * FROM t FOR UPDATE", READ),
+        ("SELECT 1 INTO @x", WRITE),
+        ("WITH a AS (SELECT 1) SELECT * FROM a", READ),
+        ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", WRITE),
+        ("EXPLAIN SELECT 1", READ),
+        ("EXPLAIN ANALYZE DELETE FROM t", WRITE),
+        ("SHOW wait_timeout", READ),
+        ("INSERT INTO t VALUES (1)", WRITE),
+        ("update t set a = 1", WRITE),
+        ("CALL proc()", WRITE),
+        ("SAVEPOINT s1", NEUTRAL),
+        ("SET SESSION wait_timeout = 5", NEUTRAL),
+        ("COMMIT", COMMIT),
+    ],
+)
+def test_sql_classification_is_conservative(sql, kind):
+    """Reads are recognised narrowly; anything unknown counts as a write."""
+    assert classify(sql) == kind
+
+
+@pytest.mark.django_db(databases=["lite"])
+def test_sqlite_alias_is_a_harmless_noop():
+    """Units over a SQLite alias run, count nothing, and never close its connection."""
+    from django.db import connections
+
+    freshconn.reset_stats()
+    with freshconn.unit_of_work(using="lite"):
+        with connections["lite"].cursor() as cursor:
+            cursor.execute("SELECT 1")
+    raw = connections["lite"].connection
+    for _ in freshconn.each(range(3), using="lite"):
+        with connections["lite"].cursor() as cursor:
+            cursor.execute("SELECT 1")
+    assert connections["lite"].connection is raw
+    assert freshconn.stats().get("lite", {}).get("units", 0) == 0
+
+
+def test_unit_of_work_rejects_a_positional_alias():
+    """unit_of_work('default') is a mistake for using='default' and says so."""
+    with pytest.raises(TypeError, match="using="):
+        freshconn.unit_of_work("default")  # type: ignore[call-overload]
+
+
+def test_unit_of_work_refuses_coroutine_functions():
+    """Decorating an async function points the user to the right tool instead of silently misbehaving."""
+
+    async def handler() -> None:
+        pass
+
+    with pytest.raises(TypeError):
+        freshconn.unit_of_work(handler)

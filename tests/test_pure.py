@@ -100,7 +100,7 @@ def test_mysql_interface_error_zero_is_a_disconnect():
 @pytest.mark.parametrize("sqlstate", ["08006", "08003", "08P01", "57P01", "57P02", "57P03", "57P05", "25P03"])
 def test_postgres_sqlstates_are_disconnects(sqlstate):
     """psycopg 3 errors carrying a connection-class SQLSTATE are disconnects."""
-    import psycopg
+    psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
 
     cls = psycopg.errors.lookup(sqlstate)
     assert freshconn.is_disconnect(cls("x"))
@@ -109,7 +109,7 @@ def test_postgres_sqlstates_are_disconnects(sqlstate):
 @pytest.mark.parametrize("sqlstate", ["23505", "40001", "40P01", "57014", "42601"])
 def test_postgres_application_sqlstates_are_not_disconnects(sqlstate):
     """Unique violation, serialization failure, deadlock, statement timeout and syntax errors are not."""
-    import psycopg
+    psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
 
     cls = psycopg.errors.lookup(sqlstate)
     assert not freshconn.is_disconnect(cls("server closed the connection unexpectedly"))
@@ -117,13 +117,17 @@ def test_postgres_application_sqlstates_are_not_disconnects(sqlstate):
 
 def test_libpq_client_side_messages_without_code_are_disconnects():
     """libpq's code-less client errors are recognised for both psycopg 3 and psycopg2."""
-    import psycopg
     import psycopg2
 
-    assert freshconn.is_disconnect(psycopg.OperationalError("the connection is closed"))
     assert freshconn.is_disconnect(psycopg2.InterfaceError("connection already closed"))
     assert freshconn.is_disconnect(psycopg2.OperationalError("server closed the connection unexpectedly"))
     assert not freshconn.is_disconnect(psycopg2.OperationalError("canceling statement due to user request"))
+
+
+def test_psycopg3_closed_connection_message_is_a_disconnect():
+    """psycopg 3's code-less 'the connection is closed' is recognised."""
+    psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
+    assert freshconn.is_disconnect(psycopg.OperationalError("the connection is closed"))
 
 
 def test_unrelated_errors_are_not_disconnects():

@@ -22,6 +22,19 @@ APP_PASSWORD = "app-secret-pw"
 DB_NAME = "freshconn"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started us dies (Linux).
+
+    A test run killed without cleanup (SIGKILL, a crash) then leaves no server behind.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux glibc: the servers are still stopped by the fixtures
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,6 +156,7 @@ class MariaDB(Server):
             ],
             stdout=log,
             stderr=log,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe enough
         )
         log.close()
         wait_port(self.port, proc=self.proc, host=self.host)
@@ -289,6 +303,7 @@ class Tansu(Server):
             stdout=log,
             stderr=log,
             cwd=self.tmp,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe enough
         )
         log.close()
         wait_port(self.port, proc=self.proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,26 @@ IDLE_PAST_TIMEOUT = SHORT_TIMEOUT + 1.2
 
 def pytest_report_header() -> str:
     return f"freshconn driver under test: {DRIVER} ({VENDOR})"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A CI timeout or an impatient developer sends SIGTERM: turn it into the interruption pytest
+# handles, so session fixtures still stop their servers instead of leaving them running.
+signal.signal(signal.SIGTERM, _interrupt)
+
+
+def admin_connection(server: Server) -> Any:
+    """A raw superuser DB-API connection (autocommit) to the test server, through the loaded driver."""
+    if VENDOR == "mysql":
+        import MySQLdb
+
+        return MySQLdb.connect(unix_socket=server.socket, user="root", autocommit=True)  # type: ignore[attr-defined]
+    raw = connections["default"].Database.connect(host=server.tmp, port=server.port, user="postgres", dbname="postgres")
+    raw.autocommit = True
+    return raw
 
 
 @pytest.fixture(scope="session")
@@ -92,9 +113,7 @@ def live(transactional_db: None) -> Iterator[None]:
 def dbconf(live: None) -> Iterator[Callable[..., None]]:
     """Change the default alias's Django settings (CONN_MAX_AGE, OPTIONS...) for one test."""
     settings_dict = connections["default"].settings_dict
-    saved = {
-        k: settings_dict.get(k) for k in ("CONN_MAX_AGE", "OPTIONS", "CONN_HEALTH_CHECKS", "HOST", "PORT", "NAME")
-    }
+    saved = {k: settings_dict.get(k) for k in ("CONN_MAX_AGE", "OPTIONS", "CONN_HEALTH_CHECKS", "HOST", "PORT", "NAME")}
 
     def apply(**changes: Any) -> None:
         _close_quietly(connections["default"])

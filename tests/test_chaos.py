@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 from django.db import OperationalError
+from testbed.redis import Redis
 
 import freshconn
-from testbed.redis import Redis
 from tests.app.models import Order
-from tests.conftest import VENDOR, counters
+from tests.conftest import VENDOR, admin_connection, counters
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -27,30 +27,40 @@ def queue() -> Iterator[Redis]:
 
 
 class Killer(threading.Thread):
-    """Kills every session of the app user, from the admin side, at random short intervals."""
+    """Kills every session of the app user from a superuser session, at random short intervals."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, max_kills: int = 60) -> None:
         super().__init__(daemon=True)
-        self.server = server
+        self.admin = admin_connection(server)
         self.stop = threading.Event()
         self.kills = 0
+        self.max_kills = max_kills
 
-    def _sessions(self) -> list[int]:
-        sql = (
+    def _sessions(self, cursor) -> list[int]:
+        cursor.execute(
             "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'app'"
             if VENDOR == "mysql"
             else "SELECT pid FROM pg_stat_activity WHERE usename = 'app'"
         )
-        return [int(x) for x in self.server.admin_sql(sql).split()]
+        return [int(row[0]) for row in cursor.fetchall()]
 
     def run(self) -> None:
-        while not self.stop.wait(random.uniform(0.01, 0.08)):
-            for session in self._sessions():
-                try:
-                    self.server.admin_sql(f"KILL {session}" if VENDOR == "mysql" else f"SELECT pg_terminate_backend({session})")
-                    self.kills += 1
-                except Exception:
-                    pass  # the session ended on its own meanwhile
+        cursor = self.admin.cursor()
+        try:
+            while self.kills < self.max_kills and not self.stop.wait(random.uniform(0.02, 0.15)):
+                for session in self._sessions(cursor):
+                    try:
+                        cursor.execute(
+                            f"KILL {session}" if VENDOR == "mysql" else f"SELECT pg_terminate_backend({session})"
+                        )
+                        if VENDOR == "postgresql":
+                            cursor.fetchall()
+                        self.kills += 1
+                    except Exception:
+                        pass  # the session ended on its own meanwhile
+        finally:
+            cursor.close()
+            self.admin.close()
 
 
 def test_chaos_every_message_applied_exactly_once_without_restart(live, server, queue, capsys):
@@ -58,7 +68,7 @@ def test_chaos_every_message_applied_exactly_once_without_restart(live, server, 
     client = queue.client()
     client.rpush("jobs", *[f"m-{i}" for i in range(MESSAGES)])
 
-    @freshconn.unit_of_work(retries=5, idempotent=True)
+    @freshconn.unit_of_work(retries=8, idempotent=True)
     def apply(ref: str) -> None:
         Order.objects.get_or_create(ref=ref, defaults={"qty": 1})
 

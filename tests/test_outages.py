@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connection
 from django.test import override_settings
-
-import freshconn
 from testbed.netns import BlackHoleNet
 from testbed.proxies import HAProxy, PgBouncer
 from testbed.servers import MariaDB, PostgreSQL, Server
+
+import freshconn
 from tests.conftest import VENDOR, counters
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -86,7 +86,9 @@ def test_without_reconnect_timeout_a_unit_during_a_restart_fails(dbconf, server)
 @pytest.fixture(scope="module")
 def proxy(server: Server) -> Iterator[Server]:
     """HAProxy (MariaDB) or PgBouncer (PostgreSQL) that drops a client idle for 2 s; the server never does."""
-    srv: Server = HAProxy(server.port, idle_timeout=2) if VENDOR == "mysql" else PgBouncer(server.port, client_idle_timeout=2)
+    srv: Server = (
+        HAProxy(server.port, idle_timeout=2) if VENDOR == "mysql" else PgBouncer(server.port, client_idle_timeout=2)
+    )
     srv.start()
     yield srv
     srv.stop()

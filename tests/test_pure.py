@@ -43,7 +43,8 @@ def test_good_settings_are_read_with_types_and_defaults():
     """Valid settings come back as floats; CONN_MAX_AGE None means an unlimited override."""
     cfg = conf.load({"CHECK_AFTER_IDLE": 2, "CONN_MAX_AGE": None, "RECONNECT_TIMEOUT": 30})
     assert cfg.check_after_idle == 2.0
-    assert cfg.max_age_override and cfg.conn_max_age is None
+    assert cfg.max_age_override
+    assert cfg.conn_max_age is None
     assert cfg.max_age_for({"CONN_MAX_AGE": 0}) is None
     assert cfg.reconnect_timeout == 30.0
     assert cfg.ping_timeout == conf.DEFAULT_PING_TIMEOUT
@@ -135,12 +136,11 @@ def test_unrelated_errors_are_not_disconnects():
     assert not freshconn.is_disconnect(ValueError("server closed the connection unexpectedly"))
     assert not freshconn.is_disconnect(None)
     try:
-        try:
-            raise pymysql.err.OperationalError(2006, "gone")
-        except pymysql.err.OperationalError:
-            raise KeyError("unrelated") from None
-    except KeyError as exc:
-        assert not freshconn.is_disconnect(exc)
+        raise pymysql.err.OperationalError(2006, "gone")
+    except pymysql.err.OperationalError as gone:
+        unrelated = KeyError("unrelated")
+        unrelated.__context__ = gone  # what "raise KeyError() while handling" produces
+    assert not freshconn.is_disconnect(unrelated)
 
 
 def test_ambiguous_commit_error_is_an_operational_disconnect():
@@ -219,9 +219,8 @@ def test_sqlite_alias_is_a_harmless_noop():
     from django.db import connections
 
     freshconn.reset_stats()
-    with freshconn.unit_of_work(using="lite"):
-        with connections["lite"].cursor() as cursor:
-            cursor.execute("SELECT 1")
+    with freshconn.unit_of_work(using="lite"), connections["lite"].cursor() as cursor:
+        cursor.execute("SELECT 1")
     raw = connections["lite"].connection
     for _ in freshconn.each(range(3), using="lite"):
         with connections["lite"].cursor() as cursor:

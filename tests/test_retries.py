@@ -177,7 +177,10 @@ def _slow_write_sql() -> str:
 
 def _session_state_sql(session: int) -> str:
     if VENDOR == "mysql":
-        return f"SELECT CONCAT(COALESCE(STATE, ''), '|', COALESCE(INFO, '')) FROM information_schema.PROCESSLIST WHERE ID = {session}"
+        return (
+            "SELECT CONCAT(COALESCE(STATE, ''), '|', COALESCE(INFO, '')) "
+            f"FROM information_schema.PROCESSLIST WHERE ID = {session}"
+        )
     return f"SELECT state || '|' || query FROM pg_stat_activity WHERE pid = {session}"
 
 

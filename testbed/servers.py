@@ -22,19 +22,6 @@ APP_PASSWORD = "app-secret-pw"
 DB_NAME = "freshconn"
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the thread that started us dies (Linux).
-
-    A test run killed without cleanup (SIGKILL, a crash) then leaves no server behind.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux glibc: the servers are still stopped by the fixtures
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +73,23 @@ class Server:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def _launch(self) -> None:
+        """Start the server process on existing data (after start() initialised it)."""
+        raise NotImplementedError
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server process (keeping its data) and start it again on the same port."""
+        self._kill_proc()
+        time.sleep(down_for)
+        self._launch()
+
+    def down(self) -> None:
+        """Stop the server process, keeping its data, until up()."""
+        self._kill_proc()
+
+    def up(self) -> None:
+        self._launch()
 
     def _kill_proc(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -156,22 +160,9 @@ class MariaDB(Server):
             ],
             stdout=log,
             stderr=log,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe enough
         )
         log.close()
         wait_port(self.port, proc=self.proc, host=self.host)
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop the server process (keeping its data) and start it again on the same port."""
-        self._kill_proc()
-        time.sleep(down_for)
-        self._launch()
-
-    def down(self) -> None:
-        self._kill_proc()
-
-    def up(self) -> None:
-        self._launch()
 
     def admin_sql(self, sql: str) -> str:
         client = _which("mariadb", "/usr/bin/mariadb")
@@ -243,17 +234,6 @@ class PostgreSQL(Server):
         if getattr(self, "datadir", None) and os.path.exists(os.path.join(self.datadir, "postmaster.pid")):
             self._run_as([self._pg_ctl, "-w", "-D", self.datadir, "-m", "immediate", "stop"])
 
-    def restart(self, down_for: float = 0.0) -> None:
-        self._kill_proc()
-        time.sleep(down_for)
-        self._launch()
-
-    def down(self) -> None:
-        self._kill_proc()
-
-    def up(self) -> None:
-        self._launch()
-
     def admin_sql(self, sql: str, db: str = "postgres") -> str:
         out = self._run_as(
             [self._psql, "-h", self.tmp, "-p", str(self.port), "-U", "postgres", "-d", db, "-At", "-c", sql]
@@ -303,7 +283,6 @@ class Tansu(Server):
             stdout=log,
             stderr=log,
             cwd=self.tmp,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe enough
         )
         log.close()
         wait_port(self.port, proc=self.proc)

@@ -50,6 +50,13 @@ class Driver:
         return row
 
 
+def _fileno_of(raw: Any) -> int | None:
+    try:
+        return int(raw.fileno())
+    except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
+        return None
+
+
 def _positive(seconds: float | None) -> float | None:
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         return None
@@ -71,10 +78,7 @@ class MySQLClient(_MySQLBase):
     name = "mysqlclient"
 
     def fileno(self, raw: Any) -> int | None:
-        try:
-            return int(raw.fileno())
-        except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
-            return None
+        return _fileno_of(raw)
 
     def closed(self, raw: Any) -> bool:
         # ``open`` drops to 0 only after a client-side close; a server-side KILL leaves it at 1,
@@ -150,10 +154,7 @@ class Psycopg2(_PostgresBase):
     name = "psycopg2"
 
     def fileno(self, raw: Any) -> int | None:
-        try:
-            return int(raw.fileno())
-        except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
-            return None
+        return _fileno_of(raw)
 
     def closed(self, raw: Any) -> bool:
         return bool(raw.closed)

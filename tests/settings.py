@@ -25,7 +25,7 @@ VENDOR = "mysql" if DRIVER in ("mysqlclient", "pymysql") else "postgresql"
 
 SECRET_KEY = "tests-only"
 USE_TZ = True
-INSTALLED_APPS = ["freshconn", "tests.app"]
+INSTALLED_APPS = ["freshconn", "tests.app", "tests.workerapp"]
 DATABASES = {
     "default": {
         "ENGINE": f"django.db.backends.{VENDOR}",

@@ -29,6 +29,18 @@ def _scope(using: Using) -> frozenset[str] | None:
     return frozenset(using)
 
 
+def raise_if_commit_was_lost(exc: BaseException | None) -> None:
+    """At a unit's end: turn a disconnect that struck during COMMIT into AmbiguousCommitError."""
+    if exc is not None and not isinstance(exc, AmbiguousCommitError) and is_disconnect(exc):
+        alias = commit_in_flight(exc)
+        if alias is not None:
+            raise AmbiguousCommitError(
+                f"The connection to database {alias!r} was lost while COMMIT was in flight: the "
+                "transaction may or may not have been applied. Verify the outcome before doing "
+                "the work again."
+            ) from exc
+
+
 class UnitOfWork:
     """One unit of work: a context manager and a decorator.
 
@@ -65,14 +77,7 @@ class UnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         _lifecycle.leave(self.scope, exc)
-        if exc is not None and not isinstance(exc, AmbiguousCommitError) and is_disconnect(exc):
-            alias = commit_in_flight(exc)
-            if alias is not None:
-                raise AmbiguousCommitError(
-                    f"The connection to database {alias!r} was lost while COMMIT was in flight: the "
-                    "transaction may or may not have been applied. Verify the outcome before doing "
-                    "the work again."
-                ) from exc
+        raise_if_commit_was_lost(exc)
 
     def _single_run(self) -> UnitOfWork:
         """The same unit without retries: what each attempt of a retrying function enters."""

@@ -1,0 +1,117 @@
+"""Units of work for asyncio code that uses Django's async ORM.
+
+Django runs every async ORM call (``acreate``, ``aget``...) through ``sync_to_async`` with
+``thread_sensitive=True``: in one thread that owns those connections (the thread of the outermost
+``async_to_sync``, or asgiref's single shared executor thread in a plain ``asyncio.run`` program).
+A connection can be checked or closed only by the thread that owns it, so the begin and end of an
+async unit run in that same thread, through the same thread-sensitive ``sync_to_async``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from asgiref.sync import sync_to_async
+
+from . import _lifecycle
+from ._unit import Using, _scope, raise_if_commit_was_lost
+
+__all__ = ["AsyncUnitOfWork", "aeach", "aunit_of_work"]
+
+T = TypeVar("T")
+AF = TypeVar("AF", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+_enter = sync_to_async(_lifecycle.enter, thread_sensitive=True)
+_leave = sync_to_async(_lifecycle.leave, thread_sensitive=True)
+
+
+class AsyncUnitOfWork:
+    """One async unit of work: ``async with`` context manager and decorator for coroutine functions.
+
+    Like the sync unit, the object holds only configuration and nesting is counted per thread:
+    here the thread that owns the async ORM's connections. Units of concurrent tasks that share
+    that thread therefore nest into one unit, as they share its connections.
+    """
+
+    __slots__ = ("scope", "using")
+
+    def __init__(self, using: Using = None) -> None:
+        self.using = using
+        self.scope = _scope(using)
+
+    def __repr__(self) -> str:
+        return f"aunit_of_work(using={self.using!r})"
+
+    async def __aenter__(self) -> AsyncUnitOfWork:
+        await _enter(self.scope)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await _leave(self.scope, exc)
+        raise_if_commit_was_lost(exc)
+
+    def __call__(self, func: AF) -> AF:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"aunit_of_work wraps coroutine functions (async def), not {func.__qualname__}: "
+                "use freshconn.unit_of_work for a sync function."
+            )
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            async with self:
+                return await func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+@overload
+def aunit_of_work(func: AF, /) -> AF: ...
+
+
+@overload
+def aunit_of_work(func: None = None, /, using: Using = None) -> AsyncUnitOfWork: ...
+
+
+def aunit_of_work(func: Callable[..., Any] | None = None, /, using: Using = None) -> Any:
+    """Run an async block or a coroutine function as a unit of work.
+
+    ``async with aunit_of_work():``, ``@aunit_of_work`` and ``@aunit_of_work(using="default")``
+    all work. The unit's checks run in the thread where the async ORM keeps its connections.
+    """
+    if func is not None:
+        if isinstance(func, str) or not callable(func):
+            raise TypeError(
+                f"aunit_of_work() takes its alias as a keyword: aunit_of_work(using={func!r}), "
+                f"got a positional {func!r}"
+            )
+        return AsyncUnitOfWork(using)(func)
+    return AsyncUnitOfWork(using)
+
+
+async def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> AsyncIterator[T]:
+    """Yield each item of an async (or plain) iterable inside its own async unit of work.
+
+    As with ``each``, the unit begins after the item arrived (time awaiting it counts as idle)
+    and ends before the next one is awaited. Leaving the loop early with ``break`` ends the
+    current unit when the generator is closed: wrap it in ``contextlib.aclosing`` to make that
+    immediate.
+    """
+    unit = AsyncUnitOfWork(using)
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            async with unit:
+                yield item
+    else:
+        for item in items:
+            async with unit:
+                yield item

@@ -1,0 +1,1 @@
+"""Thin adapters for the frameworks Django workers run under; the core never imports them."""

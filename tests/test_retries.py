@@ -290,3 +290,23 @@ def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, com
     assert connection.connection is None
     if form == "decorator":
         assert counters()["not_retried_unsafe"] == 1
+
+
+def test_no_silent_reconnect_inside_an_atomic_block(live):
+    """After a kill inside atomic, the block stays failed (Django's semantics): nothing reconnects mid-transaction."""
+    from django.db.transaction import TransactionManagementError
+
+    with pytest.raises(OperationalError), freshconn.unit_of_work(), transaction.atomic():
+        Order.objects.create(ref="atomic-1")
+        kill_connection()
+        try:
+            Order.objects.create(ref="atomic-2")
+        except OperationalError:
+            # The transaction is broken: the next query in the same block must not run on a
+            # fresh connection (which would commit half a transaction).
+            with pytest.raises((TransactionManagementError, Error)):
+                Order.objects.create(ref="atomic-3")
+            assert counters()["connects"] == 1
+            raise
+    with freshconn.unit_of_work():
+        assert Order.objects.count() == 0

@@ -7,6 +7,7 @@ from typing import Any
 
 LABELS = {
     "unsafe": "unsafe (persistent, no checks)",
+    "unsafe_again": "unsafe again (A/A control)",
     "django_max_age_0": "Django CONN_MAX_AGE=0",
     "django_health_checks": "Django CONN_HEALTH_CHECKS",
     "freshconn": "freshconn",
@@ -92,6 +93,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     policies = results["policies"]
     colors = {
         "unsafe": "#9e9e9e",
+        "unsafe_again": "#cfcfcf",
         "django_max_age_0": "#e57373",
         "django_health_checks": "#ffb74d",
         "freshconn": "#1e88e5",

@@ -13,11 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-POLICIES = ("unsafe", "django_max_age_0", "django_health_checks", "freshconn")
+#: "unsafe_again" is the same loop as "unsafe" on a second connection: an A/A control. Its ratio
+#: shows how far two identical policies drift apart in this setup (for PostgreSQL, each
+#: connection is its own server process, which the kernel may place and cache differently).
+POLICIES = ("unsafe", "unsafe_again", "django_max_age_0", "django_health_checks", "freshconn")
 
 #: Django settings per policy; everything else about the alias stays the same.
 POLICY_SETTINGS: dict[str, dict[str, Any]] = {
     "unsafe": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
+    "unsafe_again": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
     "django_max_age_0": {"CONN_MAX_AGE": 0, "CONN_HEALTH_CHECKS": False},
     "django_health_checks": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": True},
     "freshconn": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
@@ -152,7 +156,7 @@ class Worker(threading.Thread):
             for pk in each(msgs):
                 get(pk=pk)
 
-        self.loop = {"unsafe": unsafe, "freshconn": fresh}.get(self.policy, django_policy)
+        self.loop = {"unsafe": unsafe, "unsafe_again": unsafe, "freshconn": fresh}.get(self.policy, django_policy)
 
         # The same loops, timing what happens between one message's query and the next one's
         # (plus, for Django, the ping or connect it runs inside the query): the lifecycle as it
@@ -188,7 +192,9 @@ class Worker(threading.Thread):
                 last = clock()
                 queries.append(last - t)
 
-        self.timed_loop = {"unsafe": unsafe_timed, "freshconn": fresh_timed}.get(self.policy, django_timed)
+        self.timed_loop = {"unsafe": unsafe_timed, "unsafe_again": unsafe_timed, "freshconn": fresh_timed}.get(
+            self.policy, django_timed
+        )
 
     def _close(self) -> None:
         self.conn.close()
@@ -263,7 +269,7 @@ class Worker(threading.Thread):
         """
         from django.db import close_old_connections
 
-        if self.policy == "unsafe" or seconds <= 0:
+        if self.policy in ("unsafe", "unsafe_again") or seconds <= 0:
             return {"overhead_us": 0.0}
         conn, fc = self.conn, self.freshconn
 

@@ -19,7 +19,7 @@ pytestmark = [
     ),
 ]
 
-POLICIES = {"unsafe", "django_max_age_0", "django_health_checks", "freshconn"}
+POLICIES = {"unsafe", "unsafe_again", "django_max_age_0", "django_health_checks", "freshconn"}
 
 
 def test_quick_benchmark_reports_every_policy_and_freshconn_never_pings_when_busy(tmp_path):

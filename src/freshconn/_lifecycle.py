@@ -144,13 +144,17 @@ def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
     connection_discarded.send(sender=type(conn), alias=conn.alias, reason=reason)
 
 
+def _seed() -> None:
+    # Connections this thread opened before freshconn was wired never reached our receiver.
+    _local.seeded = True
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and conn.vendor not in _NO_SERVER_VENDORS:
+            _local.wrappers.setdefault(conn.alias, conn)
+
+
 def _open_wrappers(scope: frozenset[str] | None) -> list[BaseDatabaseWrapper]:
     if not _local.seeded:
-        # Connections this thread opened before freshconn was wired never reached our receiver.
-        _local.seeded = True
-        for conn in connections.all(initialized_only=True):
-            if conn.connection is not None and conn.vendor not in _NO_SERVER_VENDORS:
-                _local.wrappers.setdefault(conn.alias, conn)
+        _seed()
     return [
         conn
         for alias, conn in _local.wrappers.items()
@@ -201,48 +205,69 @@ def _ping(conn: BaseDatabaseWrapper, state: ConnState, timeout: float) -> bool:
 
 def begin(scope: frozenset[str] | None) -> None:
     """Start-of-unit checks for every open connection in scope, in the current thread."""
-    cfg = conf.get()
-    _stats.bump_units(server_aliases(scope))
-    for conn in _open_wrappers(scope):
-        if conn.in_atomic_block:
-            _stats.bump(conn.alias, "skipped_atomic")
-            _warn_atomic(conn.alias)
+    cfg = conf._current or conf.get()
+    _stats.count_unit(scope)
+    local = _local
+    if not local.seeded:
+        _seed()
+    check_after = cfg.check_after_idle
+    now = time.monotonic()
+    for alias, conn in local.wrappers.items():
+        raw = conn.connection
+        if raw is None or (scope is not None and alias not in scope):
             continue
-        state = _state_of(conn)
-        driver = state.driver
-        if driver.closed(state.raw):
-            discard(conn, "dead")
+        state: ConnState | None = getattr(conn, _STATE_ATTR, None)
+        if (
+            state is not None
+            and state.raw is raw
+            and not conn.in_atomic_block
+            and not conn.errors_occurred
+            and now < state.deadline
+            and (idle := now - state.last_used)
+            < (check_after if state.idle_limit is None else min(check_after, state.idle_limit))
+            and (idle < _policy.SOCKET_CHECK_AFTER or state.poller is None or not state.poller.poll(0))
+        ):
+            # The busy case, by far the most common: recently used, nothing pending on its
+            # socket. No round trip; only tell Django not to add a CONN_HEALTH_CHECKS ping.
+            conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
             continue
-        verdict = _policy.start_verdict(
-            time.monotonic(),
-            state.deadline,
-            state.last_used,
-            state.idle_limit,
-            cfg.check_after_idle,
-            conn.errors_occurred,
-        )
-        if (verdict is None or verdict == _policy.PING) and state.socket_has_news():
-            # MySQL never speaks unasked on an idle session: unread bytes or EOF mean an
-            # error packet or a close (KILL, timeout, shutdown). PostgreSQL may also send
-            # notices or NOTIFY, so there it only earns a ping.
-            if driver.vendor == "mysql":
-                discard(conn, "dead")
-                continue
-            verdict = _policy.PING
-        if verdict is None:
-            pass
-        elif verdict == _policy.PING:
-            if not _ping(conn, state, cfg.ping_timeout):
-                discard(conn, "dead")
-                continue
-            conn.errors_occurred = False
-        else:
-            discard(conn, verdict)
-            continue
-        # freshconn has just vouched for the connection: spare Django's CONN_HEALTH_CHECKS ping.
-        conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
-    if _local.outage:
+        _check(conn, cfg, now)
+    if local.outage:
         _reconnect_after_outage(scope, cfg.reconnect_timeout)
+
+
+def _check(conn: BaseDatabaseWrapper, cfg: conf.Config, now: float) -> None:
+    """The full start-of-unit decision for one open connection that is not plainly busy and healthy."""
+    if conn.in_atomic_block:
+        _stats.bump(conn.alias, "skipped_atomic")
+        _warn_atomic(conn.alias)
+        return
+    state = _state_of(conn)
+    driver = state.driver
+    if driver.closed(state.raw):
+        discard(conn, "dead")
+        return
+    verdict = _policy.start_verdict(
+        now, state.deadline, state.last_used, state.idle_limit, cfg.check_after_idle, conn.errors_occurred
+    )
+    if (verdict is None or verdict == _policy.PING) and state.socket_has_news():
+        # MySQL never speaks unasked on an idle session: unread bytes or EOF mean an error
+        # packet or a close (KILL, timeout, shutdown). PostgreSQL may also send notices or
+        # NOTIFY, so there it only earns a ping.
+        if driver.vendor == "mysql":
+            discard(conn, "dead")
+            return
+        verdict = _policy.PING
+    if verdict == _policy.PING:
+        if not _ping(conn, state, cfg.ping_timeout):
+            discard(conn, "dead")
+            return
+        conn.errors_occurred = False
+    elif verdict is not None:
+        discard(conn, verdict)
+        return
+    # freshconn has just vouched for the connection: spare Django's CONN_HEALTH_CHECKS ping.
+    conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
 
 
 def _reconnect_after_outage(scope: frozenset[str] | None, timeout: float) -> None:
@@ -262,11 +287,10 @@ def _reconnect_after_outage(scope: frozenset[str] | None, timeout: float) -> Non
 def end(scope: frozenset[str] | None, exc: BaseException | None) -> None:
     """End-of-unit steps: drop what an error broke, enforce the lifetime, record the last use."""
     disconnect = exc is not None and is_disconnect(exc)
-    open_now = _open_wrappers(scope)
     discarded_for_error = False
     now = time.monotonic()
-    for conn in open_now:
-        if conn.in_atomic_block:
+    for alias, conn in _local.wrappers.items():
+        if conn.connection is None or (scope is not None and alias not in scope) or conn.in_atomic_block:
             continue
         state = _state_of(conn)
         if conn.errors_occurred and (disconnect or _looks_dead(state)):
@@ -307,7 +331,8 @@ def enter(scope: frozenset[str] | None) -> None:
     if _local.depth:
         _local.depth += 1
         return
-    wire()
+    if not _wired:
+        wire()
     _local.depth = 1
     try:
         begin(scope)

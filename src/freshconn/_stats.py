@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import weakref
 
-__all__ = ["COUNTERS", "bump", "bump_units", "reset_stats", "stats"]
+__all__ = ["COUNTERS", "bump", "count_unit", "reset_stats", "stats"]
 
 #: Counters every alias reports, even at zero.
 COUNTERS = (
@@ -24,36 +24,105 @@ COUNTERS = (
     "retries_exhausted",  # disconnects still failing after the last allowed retry
 )
 
-_lock = threading.Lock()
-_counts: dict[str, dict[str, int]] = {}
+# Reentrant: dropping the last reference to an ended thread's counters inside stats() runs their
+# __del__, which takes the lock again in the same thread.
+_lock = threading.RLock()
+#: Counts of threads that have ended, folded in when their per-thread counters are collected.
+_retired: dict[str, dict[str, int]] = {}
+
+
+class _ThreadCounts:
+    """One thread's counters. Only that thread writes them, so counting needs no lock.
+
+    Units are counted per scope (None or a frozenset of aliases) with one dict increment, the
+    cheapest thing the per-unit path can do; stats() spreads them over the scope's aliases.
+    """
+
+    __slots__ = ("__weakref__", "rows", "units")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, int]] = {}
+        self.units: dict[frozenset[str] | None, int] = {}
+
+    def add_to(self, total: dict[str, dict[str, int]]) -> None:
+        """Add this thread's counts to ``total``, without writing to them (their thread may be counting)."""
+        _add(total, self.rows)
+        for scope, n in list(self.units.items()):
+            for alias in _server_aliases(scope):
+                row = total.get(alias)
+                if row is None:
+                    row = total[alias] = dict.fromkeys(COUNTERS, 0)
+                row["units"] += n
+
+    def __del__(self) -> None:
+        # The thread ended (its thread-local storage went away): keep what it counted.
+        try:
+            with _lock:
+                self.add_to(_retired)
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass
+
+
+_live: weakref.WeakSet[_ThreadCounts] = weakref.WeakSet()
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.counts = _ThreadCounts()
+        with _lock:
+            _live.add(self.counts)
+
+
+_local = _Local()
+
+
+def _add(into: dict[str, dict[str, int]], rows: dict[str, dict[str, int]]) -> None:
+    for alias, row in list(rows.items()):
+        target = into.get(alias)
+        if target is None:
+            target = into[alias] = dict.fromkeys(COUNTERS, 0)
+        for counter, n in list(row.items()):
+            target[counter] = target.get(counter, 0) + n
 
 
 def _row(alias: str) -> dict[str, int]:
-    row = _counts.get(alias)
+    rows = _local.counts.rows
+    row = rows.get(alias)
     if row is None:
-        row = _counts[alias] = dict.fromkeys(COUNTERS, 0)
+        row = rows[alias] = dict.fromkeys(COUNTERS, 0)
     return row
 
 
 def bump(alias: str, counter: str, n: int = 1) -> None:
-    with _lock:
-        row = _row(alias)
-        row[counter] = row.get(counter, 0) + n
+    row = _row(alias)
+    row[counter] = row.get(counter, 0) + n
 
 
-def bump_units(aliases: Iterable[str]) -> None:
-    with _lock:
-        for alias in aliases:
-            _row(alias)["units"] += 1
+def count_unit(scope: frozenset[str] | None) -> None:
+    units = _local.counts.units
+    units[scope] = units.get(scope, 0) + 1
+
+
+def _server_aliases(scope: frozenset[str] | None) -> tuple[str, ...]:
+    from ._lifecycle import server_aliases
+
+    return server_aliases(scope)
 
 
 def stats() -> dict[str, dict[str, int]]:
     """A snapshot of the counters: ``{alias: {counter: int}}``, summed over all threads."""
     with _lock:
-        return {alias: dict(row) for alias, row in _counts.items()}
+        total: dict[str, dict[str, int]] = {}
+        _add(total, _retired)
+        for counts in list(_live):
+            counts.add_to(total)
+    return total
 
 
 def reset_stats() -> None:
-    """Set every counter back to zero."""
+    """Set every counter back to zero, in every thread."""
     with _lock:
-        _counts.clear()
+        _retired.clear()
+        for counts in list(_live):
+            counts.rows.clear()
+            counts.units.clear()

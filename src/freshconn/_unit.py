@@ -144,7 +144,13 @@ def each(iterable: Iterable[T], using: Using = None) -> Iterator[T]:
     The unit begins after the item is fetched (time blocked fetching counts as idle time) and
     ends before the next one is fetched, or when the loop breaks, returns or raises.
     """
-    unit = UnitOfWork(using)
+    # enter/leave directly rather than through a UnitOfWork: this is the per-message hot path.
+    scope = _scope(using)
     for item in iterable:
-        with unit:
+        _lifecycle.enter(scope)
+        try:
             yield item
+        except BaseException as exc:
+            _lifecycle.leave(scope, exc)
+            raise
+        _lifecycle.leave(scope, None)

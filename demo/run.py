@@ -50,6 +50,43 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, alive: Callab
     return time.monotonic() - start
 
 
+def demo_env(db: MariaDB, **extra: str) -> dict[str, str]:
+    """The environment of the demo project's processes (manage.py): settings, ports, import path."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="demo.settings",
+        DEMO_DB_PORT=str(db.port),
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p),
+        **extra,
+    )
+    return env
+
+
+def count_rows(db: MariaDB) -> dict[str, int]:
+    """Rows of the orders table per batch, counted by the server (root session, not the app's)."""
+    sql = f"SELECT batch, COUNT(*), COUNT(DISTINCT ref) FROM {DB_NAME}.orders_order GROUP BY batch"
+    out = db.admin_sql(sql)
+    counts: dict[str, int] = {"total": 0, "distinct_refs": 0, "1": 0, "2": 0}
+    for line in out.splitlines():
+        batch, count, distinct = line.split("\t")
+        counts[batch] = int(count)
+        counts["total"] += int(count)
+        counts["distinct_refs"] += int(distinct)
+    return counts
+
+
+def migrate(env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [sys.executable, str(MANAGE), "migrate", "--verbosity", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise DemoError(f"manage.py migrate failed:\n{done.stderr[-2000:]}")
+
+
 class Run:
     """The servers and settings shared by both modes."""
 
@@ -60,39 +97,17 @@ class Run:
         self.orders = orders
         self.wait_timeout = wait_timeout
         self.idle = wait_timeout + 1.5
-        self.env = dict(os.environ)
-        self.env.update(
-            DJANGO_SETTINGS_MODULE="demo.settings",
-            DEMO_DB_PORT=str(db.port),
-            DEMO_KAFKA_BOOTSTRAP=broker.bootstrap,
-            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p),
-        )
+        self.env = demo_env(db, DEMO_KAFKA_BOOTSTRAP=broker.bootstrap)
 
     def kafka_conf(self, **extra: Any) -> dict[str, Any]:
         # log_level 0 keeps librdkafka quiet on the terminal; the consumer logs to its own file.
         return {"bootstrap.servers": self.broker.bootstrap, "log_level": 0, **extra}
 
     def rows(self) -> dict[str, int]:
-        sql = f"SELECT batch, COUNT(*), COUNT(DISTINCT ref) FROM {DB_NAME}.orders_order GROUP BY batch"
-        out = self.db.admin_sql(sql)
-        counts: dict[str, int] = {"total": 0, "distinct_refs": 0, "1": 0, "2": 0}
-        for line in out.splitlines():
-            batch, count, distinct = line.split("\t")
-            counts[batch] = int(count)
-            counts["total"] += int(count)
-            counts["distinct_refs"] += int(distinct)
-        return counts
+        return count_rows(self.db)
 
     def migrate(self) -> None:
-        done = subprocess.run(
-            [sys.executable, str(MANAGE), "migrate", "--verbosity", "0"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode:
-            raise DemoError(f"manage.py migrate failed:\n{done.stderr[-2000:]}")
+        migrate(self.env)
 
     def run_mode(self, mode: str) -> dict[str, Any]:
         from confluent_kafka import Consumer, Producer, TopicPartition
@@ -268,8 +283,14 @@ def report(results: dict[str, dict[str, Any]], run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m demo",
-        description="freshconn's demo: the same Django Kafka consumer, without and with freshconn, "
-        "against a MariaDB that drops idle sessions.",
+        description="freshconn's demo: the same Django Kafka consumer (or, with --worker rq, the same RQ "
+        "worker), without and with freshconn, against a MariaDB that drops idle sessions.",
+    )
+    parser.add_argument(
+        "--worker",
+        choices=("kafka", "rq"),
+        default="kafka",
+        help="kafka: a Kafka consumer loop (default); rq: real RQ workers with a throwaway Redis",
     )
     parser.add_argument("--json", action="store_true", help="end with one JSON line: every figure of the run")
     parser.add_argument("--orders", type=int, default=20, help="orders per batch (default 20)")
@@ -277,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.orders < 1 or args.wait_timeout < 1:
         parser.error("--orders and --wait-timeout must be at least 1")
+    if args.worker == "rq":
+        from demo.rq_run import main as rq_main
+
+        return rq_main(args)
 
     started = time.monotonic()
 

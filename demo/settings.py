@@ -30,6 +30,7 @@ DATABASES = {
 FRESHCONN = {"CHECK_AFTER_IDLE": 5.0}
 
 KAFKA_BOOTSTRAP = os.environ.get("DEMO_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+REDIS_URL = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 LOGGING = {
     "version": 1,

@@ -1,8 +1,9 @@
 """Worker kinds for ``consume_orders``: each one feeds order messages to the same handler.
 
-Only Kafka exists today. Another kind (a Redis stream, a RabbitMQ queue...) is one more function
-with the signature of ``kafka_worker`` and one more entry in ``WORKERS``; it reuses the handler,
-the tally and both modes.
+Two kinds: ``kafka`` (a consumer loop over a topic) and ``rq`` (a real RQ worker running the job
+``demo.orders.jobs.write_order``). Another kind (a Redis stream, a RabbitMQ queue...) is one more
+function with the signature of ``kafka_worker`` and one more entry in ``WORKERS``; it reuses the
+handler, the tally and both modes.
 """
 
 from __future__ import annotations
@@ -135,6 +136,66 @@ def kafka_worker(options: dict[str, Any], stop: threading.Event, tally: Tally) -
         consumer.close()
 
 
+# ------------------------------------------------------------------------------------------- RQ
+
+#: simple: rq.SimpleWorker (jobs run in the worker process, on its persistent connection);
+#: fork: rq.Worker (each job runs in a work horse forked from the worker, which then exits).
+RQ_CLASSES = ("simple", "fork")
+
+
+def rq_worker_class(mode: str, rq_class: str) -> type[Any]:
+    """The RQ worker class of a mode: RQ's own, or freshconn's for the same kind of worker."""
+    from rq.worker import SimpleWorker
+    from rq.worker import Worker as ForkingWorker
+
+    from freshconn.contrib.rq import FreshconnSimpleWorker, FreshconnWorker
+
+    if mode == "freshconn":
+        return FreshconnSimpleWorker if rq_class == "simple" else FreshconnWorker
+    return SimpleWorker if rq_class == "simple" else ForkingWorker
+
+
+def rq_worker(options: dict[str, Any], stop: threading.Event, tally: Tally) -> None:
+    """Run a real RQ worker on one queue until SIGTERM or SIGINT (RQ's warm shutdown).
+
+    The tally is kept in the process that runs the jobs: the worker itself for ``simple``; for
+    ``fork`` each job runs (and is tallied) in a work horse that exits after it, so the worker's
+    own tally stays empty and the figures come from RQ (job results, failed job registry).
+    """
+    from redis import Redis
+
+    base = rq_worker_class(options["mode"], options["rq_class"])
+
+    class TalliedWorker(base):  # type: ignore[misc,valid-type]
+        """Counts each job's outcome with its real exception; changes nothing else."""
+
+        _tally_exc: BaseException | None = None
+
+        def perform_job(self, job: Any, *args: Any, **kwargs: Any) -> bool:
+            self._tally_exc = None
+            ok: bool = super().perform_job(job, *args, **kwargs)
+            exc = None if ok else self._tally_exc or RuntimeError("the job failed")
+            tally.record(str(job.kwargs.get("batch", "?")), exc)
+            return ok
+
+        def handle_exception(self, job: Any, *exc_info: Any) -> Any:
+            # RQ catches the job's exception and hands it here, in the process that ran the job.
+            if len(exc_info) > 1 and isinstance(exc_info[1], BaseException):
+                self._tally_exc = exc_info[1]
+            return super().handle_exception(job, *exc_info)
+
+    if stop.is_set():
+        return
+    connection = Redis.from_url(options["redis"])
+    try:
+        worker = TalliedWorker([options["queue"]], connection=connection)
+        # RQ installs its own SIGTERM/SIGINT handlers here: a signal asks for a warm shutdown
+        # (the job in progress finishes), and work() returns.
+        worker.work(logging_level="INFO")
+    finally:
+        connection.close()
+
+
 Worker = Callable[[dict[str, Any], threading.Event, Tally], None]
 
-WORKERS: dict[str, Worker] = {"kafka": kafka_worker}
+WORKERS: dict[str, Worker] = {"kafka": kafka_worker, "rq": rq_worker}

@@ -1,6 +1,7 @@
 """``manage.py consume_orders``: a long-running worker that writes each order message to the database.
 
     python demo/manage.py consume_orders --worker kafka --mode freshconn --topic orders --group writers
+    python demo/manage.py consume_orders --worker rq --mode freshconn --rq-class simple --queue orders
 
 It runs until SIGTERM or SIGINT, then closes the Kafka consumer and the database connections
 and prints one JSON line on stdout: what it saw, wrote and failed, and ``freshconn.stats()``.
@@ -19,7 +20,7 @@ from django.db import connections
 
 import freshconn
 
-from ...workers import MODES, WORKERS, Tally
+from ...workers import MODES, RQ_CLASSES, WORKERS, Tally
 
 
 class Command(BaseCommand):
@@ -31,6 +32,11 @@ class Command(BaseCommand):
         parser.add_argument("--bootstrap", default=settings.KAFKA_BOOTSTRAP, help="Kafka bootstrap servers")
         parser.add_argument("--topic", default="orders")
         parser.add_argument("--group", default="order-writers", help="consumer group id")
+        parser.add_argument("--redis", default=settings.REDIS_URL, help="RQ: the Redis URL")
+        parser.add_argument("--queue", default="orders", help="RQ: the queue to work on")
+        parser.add_argument(
+            "--rq-class", choices=RQ_CLASSES, default="simple", help="RQ: SimpleWorker or the forking Worker"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         stop = threading.Event()

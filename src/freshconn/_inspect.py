@@ -1,0 +1,209 @@
+"""Ask a database server what it will do to connections: idle limits, timeouts, TLS, capacity.
+
+Uses its own short-lived raw connections (never the thread's Django connection, never
+``connection_created``), so inspecting a server changes neither a worker's state nor the stats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connections
+
+__all__ = ["ServerFacts", "inspect", "open_raw", "raw_connection"]
+
+# The doctor's own connections must never hang on a dead network, whatever the alias sets.
+_DEFAULT_GUARDS: dict[str, dict[str, Any]] = {
+    "mysql": {"connect_timeout": 5, "read_timeout": 10, "write_timeout": 10},
+    "postgresql": {"connect_timeout": 5, "tcp_user_timeout": 10000},
+}
+
+_MYSQL_SESSION = (
+    "wait_timeout",
+    "interactive_timeout",
+    "net_read_timeout",
+    "net_write_timeout",
+    "max_allowed_packet",
+    "idle_transaction_timeout",
+    "have_ssl",
+    "port",
+)
+_MYSQL_GLOBAL = ("wait_timeout", "interactive_timeout", "max_connections")
+_PG_SETTINGS = (
+    "idle_session_timeout",
+    "idle_in_transaction_session_timeout",
+    "statement_timeout",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "tcp_user_timeout",
+    "max_connections",
+    "superuser_reserved_connections",
+    "ssl",
+)
+
+
+@dataclass
+class ServerFacts:
+    """What the server told us. Timeouts are in seconds (0: disabled), sizes in bytes."""
+
+    product: str
+    version: str
+    #: The port the server itself listens on; differs from the alias's PORT behind a proxy or pooler.
+    port: int | None
+    tls: bool | None
+    connect_seconds: float
+    #: The idle limit this alias's sessions get (MySQL session wait_timeout, PostgreSQL
+    #: idle_session_timeout), None when the server never drops an idle session.
+    idle_limit: float | None
+    max_connections: int | None = None
+    connections_used: int | None = None
+    limits: dict[str, float | int | str | None] = field(default_factory=dict)
+
+
+def open_raw(alias: str, extra_options: dict[str, Any] | None = None) -> Any:
+    """A new raw autocommit connection with the alias's settings (no pool), guarded by short timeouts."""
+    base = connections[alias]
+    settings_dict = dict(base.settings_dict)
+    options = {k: v for k, v in (settings_dict.get("OPTIONS") or {}).items() if k != "pool"}
+    for key, value in _DEFAULT_GUARDS.get(base.vendor, {}).items():
+        options.setdefault(key, value)
+    options.update(extra_options or {})
+    settings_dict["OPTIONS"] = options
+    wrapper = type(base)(settings_dict, alias)
+    raw = wrapper.get_new_connection(wrapper.get_connection_params())
+    # Autocommit: an idle session must be plain idle, not "idle in transaction" (another limit).
+    try:
+        if base.vendor == "mysql":
+            raw.autocommit(True)
+        else:
+            raw.autocommit = True
+    except BaseException:
+        with contextlib.suppress(Exception):
+            raw.close()
+        raise
+    return raw
+
+
+@contextlib.contextmanager
+def raw_connection(alias: str, extra_options: dict[str, Any] | None = None) -> Iterator[Any]:
+    raw = open_raw(alias, extra_options)
+    try:
+        yield raw
+    finally:
+        with contextlib.suppress(Exception):
+            raw.close()
+
+
+def _rows(raw: Any, sql: str) -> list[Any]:
+    cursor = raw.cursor()
+    try:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def _number(value: Any) -> float | int | str | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return int(number) if number.is_integer() else number
+
+
+def _in_list(names: tuple[str, ...]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _mysql(raw: Any, connect_seconds: float) -> ServerFacts:
+    version = str(_rows(raw, "SELECT VERSION()")[0][0])
+    session = {
+        str(n): v for n, v in _rows(raw, f"SHOW SESSION VARIABLES WHERE Variable_name IN ({_in_list(_MYSQL_SESSION)})")
+    }
+    glob = {
+        str(n): v for n, v in _rows(raw, f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({_in_list(_MYSQL_GLOBAL)})")
+    }
+    status = {str(n): v for n, v in _rows(raw, "SHOW GLOBAL STATUS WHERE Variable_name = 'Threads_connected'")}
+    limits: dict[str, float | int | str | None] = {
+        "wait_timeout": _number(session.get("wait_timeout")),
+        "wait_timeout_global": _number(glob.get("wait_timeout")),
+        "interactive_timeout": _number(glob.get("interactive_timeout")),
+        "net_read_timeout": _number(session.get("net_read_timeout")),
+        "net_write_timeout": _number(session.get("net_write_timeout")),
+        "max_allowed_packet": _number(session.get("max_allowed_packet")),
+    }
+    if "idle_transaction_timeout" in session:  # MariaDB only
+        limits["idle_transaction_timeout"] = _number(session["idle_transaction_timeout"])
+    wait = limits["wait_timeout"]
+    port = _number(session.get("port"))
+    max_conn = _number(glob.get("max_connections"))
+    used = _number(status.get("Threads_connected"))
+    return ServerFacts(
+        product="MariaDB" if "mariadb" in version.lower() else "MySQL",
+        version=version.split("-", maxsplit=1)[0],
+        port=port if isinstance(port, int) else None,
+        tls=None if "have_ssl" not in session else str(session["have_ssl"]).upper() == "YES",
+        connect_seconds=connect_seconds,
+        idle_limit=float(wait) if isinstance(wait, (int, float)) and wait > 0 else None,
+        max_connections=max_conn if isinstance(max_conn, int) else None,
+        connections_used=used if isinstance(used, int) else None,
+        limits=limits,
+    )
+
+
+_PG_UNITS: dict[str, Callable[[float], float]] = {
+    "ms": lambda v: v / 1000.0,
+    "s": lambda v: v,
+    "min": lambda v: v * 60.0,
+}
+
+
+def _postgresql(raw: Any, connect_seconds: float) -> ServerFacts:
+    settings: dict[str, float | int | str | None] = {}
+    for name, setting, unit in _rows(
+        raw, f"SELECT name, setting, unit FROM pg_settings WHERE name IN ({_in_list(_PG_SETTINGS)})"
+    ):
+        value = _number(setting)
+        convert = _PG_UNITS.get(unit or "")
+        if convert is not None and isinstance(value, (int, float)):
+            value = _number(convert(float(value)))
+        settings[str(name)] = value
+    settings = {name: settings[name] for name in _PG_SETTINGS if name in settings}
+    version, port, used = _rows(
+        raw,
+        "SELECT current_setting('server_version'), inet_server_port(), "
+        "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+    )[0]
+    idle = settings.get("idle_session_timeout")
+    max_conn = settings.pop("max_connections", None)
+    tls = settings.pop("ssl", None)
+    settings.pop("superuser_reserved_connections", None)
+    return ServerFacts(
+        product="PostgreSQL",
+        version=str(version).split()[0],
+        port=int(port) if port is not None else None,
+        tls=None if tls is None else tls == "on",
+        connect_seconds=connect_seconds,
+        idle_limit=float(idle) if isinstance(idle, (int, float)) and idle > 0 else None,
+        max_connections=max_conn if isinstance(max_conn, int) else None,
+        connections_used=int(used) if used is not None else None,
+        limits=settings,
+    )
+
+
+def inspect(alias: str) -> ServerFacts:
+    """Connect once (timed) and read the server's limits; raises the driver's error if it cannot."""
+    vendor = connections[alias].vendor
+    if vendor not in ("mysql", "postgresql"):
+        raise ValueError(f"alias {alias!r} is {vendor!r}: only MySQL/MariaDB and PostgreSQL servers are inspected")
+    started = time.monotonic()
+    with raw_connection(alias) as raw:
+        connect_seconds = time.monotonic() - started
+        return _mysql(raw, connect_seconds) if vendor == "mysql" else _postgresql(raw, connect_seconds)

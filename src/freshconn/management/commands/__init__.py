@@ -1,0 +1,1 @@
+"""The ``freshconn`` management command."""

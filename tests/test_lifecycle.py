@@ -304,3 +304,29 @@ def test_threads_keep_their_own_connections_and_counts(live):
     assert counters()["units"] == 200
     assert counters()["connects"] == 4
     assert counters()["pings"] == 0
+
+
+def test_every_freshconn_log_record_names_alias_and_reason(live, caplog):
+    """Records of the freshconn logger carry the alias and the reason in their extra fields."""
+    caplog.set_level(logging.DEBUG, logger="freshconn")
+
+    @freshconn.unit_of_work(retries=1)
+    def read_after_kill() -> int:
+        select_one()
+        if not getattr(read_after_kill, "killed", False):
+            read_after_kill.killed = True  # type: ignore[attr-defined]
+            kill_connection()
+        return select_one()
+
+    assert read_after_kill() == 1
+    with freshconn.unit_of_work():
+        select_one()
+    kill_connection()
+    with freshconn.unit_of_work():
+        select_one()
+    records = [r for r in caplog.records if r.name == "freshconn"]
+    assert len(records) >= 3
+    for record in records:
+        assert hasattr(record, "alias"), record.getMessage()
+        assert isinstance(record.reason, str), record.getMessage()
+        assert record.reason, record.getMessage()

@@ -70,7 +70,11 @@ def forget_inherited_connections(*, reset_stats: bool = True) -> int:
     if reset_stats:
         _stats.reset_stats()
     if dropped:
-        logger.debug("dropped %d connection(s) inherited from the parent process", dropped)
+        logger.debug(
+            "dropped %d connection(s) inherited from the parent process",
+            dropped,
+            extra={"alias": None, "reason": "fork"},
+        )
     return dropped
 
 

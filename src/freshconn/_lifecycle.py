@@ -71,7 +71,12 @@ def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
             if not conn.autocommit:
                 raw.rollback()
         except Exception as exc:  # noqa: BLE001 - a missing limit only means more pings
-            logger.debug("could not read the server idle limit for %s: %s", conn.alias, type(exc).__name__)
+            logger.debug(
+                "could not read the server idle limit for %s: %s",
+                conn.alias,
+                type(exc).__name__,
+                extra={"alias": conn.alias, "reason": "idle_limit_unknown"},
+            )
     setattr(conn, _STATE_ATTR, state)
     return state
 

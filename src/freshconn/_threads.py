@@ -49,7 +49,12 @@ def close_thread_connections() -> None:
             else:
                 conn.close()
         except Exception as exc:  # noqa: BLE001 - the thread is ending; a dead socket must not stop the others
-            logger.debug("closing %r at thread end failed: %s", conn.alias, type(exc).__name__)
+            logger.debug(
+                "closing %r at thread end failed: %s",
+                conn.alias,
+                type(exc).__name__,
+                extra={"alias": conn.alias, "reason": "thread_end"},
+            )
             conn.connection = None
 
 

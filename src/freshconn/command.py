@@ -116,7 +116,10 @@ class WorkerCommand(BaseCommand):
                 with unit:
                     self.handle_message(message)
             if self.should_stop():
-                logger.info("stop signal received: the unit in progress finished; stopping")
+                logger.info(
+                    "stop signal received: the unit in progress finished; stopping",
+                    extra={"alias": None, "reason": "stop_signal"},
+                )
         finally:
             close = getattr(source, "close", None)
             if callable(close):
@@ -127,7 +130,7 @@ class WorkerCommand(BaseCommand):
         # Kept for messages()/handle_message(), which take no arguments of their own.
         self.args, self.options = args, options
         line = policy_summary(self.using)
-        logger.info(line)
+        logger.info(line, extra={"alias": None, "reason": "policy"})
         if options.get("verbosity", 1) >= 1:
             self.stdout.write(line)
         previous = self._install_signal_handlers()

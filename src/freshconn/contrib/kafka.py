@@ -80,7 +80,7 @@ class _Retries:
             type(exc).__name__,
             self.count,
             self.limit,
-            extra={"topic": key[0], "partition": key[1], "offset": key[2]},
+            extra={"alias": None, "reason": "redeliver", "topic": key[0], "partition": key[1], "offset": key[2]},
         )
         return True
 
@@ -93,7 +93,7 @@ def _rewind(seek: Callable[[], object], key: tuple[str, int, int]) -> None:
         seek()
     except Exception as exc:  # noqa: BLE001 - e.g. the partition was revoked meanwhile
         # Nothing was committed for this message, so whoever owns the partition now starts at it.
-        logger.warning("could not rewind to %s[%d]@%d: %s", *key, exc)
+        logger.warning("could not rewind to %s[%d]@%d: %s", *key, exc, extra={"alias": None, "reason": "rewind_failed"})
 
 
 def consume(
@@ -222,7 +222,7 @@ def _confluent_poll(consumer: Any, timeout: float) -> Any:
             raise KafkaException(err)
         # End-of-partition events and transient broker errors: librdkafka recovers by itself.
         level = logging.DEBUG if err.code() == KafkaError._PARTITION_EOF else logging.WARNING
-        logger.log(level, "kafka consumer event: %s", err)
+        logger.log(level, "kafka consumer event: %s", err, extra={"alias": None, "reason": "kafka_event"})
         return None
     return msg
 

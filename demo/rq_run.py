@@ -22,34 +22,13 @@ Exit status 0 when the plain SimpleWorker broke after the idle and the freshconn
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections import Counter
-from contextlib import ExitStack
 from typing import Any
 
 from testbed.redis import Redis
-from testbed.servers import DB_NAME, MariaDB
+from testbed.servers import DB_NAME
 
-from demo.run import (
-    MANAGE,
-    ROOT,
-    DemoError,
-    count_rows,
-    demo_env,
-    ignore_signals,
-    migrate,
-    say,
-    stop_process,
-    tail,
-    wait_for,
-)
+from demo.common import Result, Run, error_lines, freshconn_cell, say, wait_for
 
 JOB = "demo.orders.jobs.write_order"
 
@@ -61,48 +40,64 @@ RUNS = (
 )
 
 
-class RQRun:
-    """The servers and settings shared by the three runs."""
+class RQRun(Run[Redis]):
+    """Real RQ workers, plain and freshconn's, taking the orders as jobs from a throwaway Redis."""
 
-    def __init__(self, db: MariaDB, redis: Redis, tmp: str, orders: int, wait_timeout: int) -> None:
-        self.db = db
-        self.redis = redis
-        self.tmp = tmp
-        self.orders = orders
-        self.wait_timeout = wait_timeout
-        self.idle = wait_timeout + 1.5
-        self.env = demo_env(db, DEMO_REDIS_URL=redis.url)
+    noun = "worker"
+    stopped = "the workers"
+    keys = tuple(key for key, *_ in RUNS)
+
+    @classmethod
+    def title(cls, wait_timeout: int) -> str:
+        return (
+            "freshconn demo: RQ workers writing orders to a MariaDB "
+            f"whose wait_timeout is {wait_timeout} s (jobs in a throwaway Redis)"
+        )
+
+    @classmethod
+    def new_server(cls) -> Redis:
+        return Redis()
+
+    def env_extra(self) -> dict[str, str]:
+        return {"DEMO_REDIS_URL": self.server.url}
+
+    def server_line(self) -> str:
+        return f"Redis on 127.0.0.1:{self.server.port}"
 
     def aborted_clients(self) -> int:
         """Sessions the server saw end without a proper goodbye (a timeout, or a client gone without quitting)."""
         out = self.db.admin_sql("SHOW GLOBAL STATUS LIKE 'Aborted_clients'")
         return int(out.split()[-1])
 
-    def run_mode(self, key: str, mode: str, rq_class: str, label: str) -> dict[str, Any]:
+    def run_mode(self, key: str) -> Result:
         from rq import Queue
         from rq.job import Job
         from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
+        _, mode, rq_class, label = next(run for run in RUNS if run[0] == key)
         queue_name = f"orders-{key.replace('_', '-')}"
         self.db.admin_sql(f"TRUNCATE TABLE {DB_NAME}.orders_order")
         aborted_before = self.aborted_clients()
-        client = self.redis.client()
+        client = self.server.client()
         queue = Queue(queue_name, connection=client)
         finished_reg = FinishedJobRegistry(queue=queue)
         failed_reg = FailedJobRegistry(queue=queue)
 
-        log_path = f"{self.tmp}/worker-{key}.log"
-        cmd = [sys.executable, str(MANAGE), "consume_orders", "--worker", "rq", "--mode", mode]
-        cmd += ["--rq-class", rq_class, "--redis", self.redis.url, "--queue", queue_name]
-        with open(log_path, "wb") as log:
-            # Its own session: a Ctrl-C reaches only this orchestrator, which then stops the worker.
-            proc = subprocess.Popen(
-                cmd, env=self.env, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, start_new_session=True
-            )
-
-        def alive() -> None:
-            if proc.poll() is not None:
-                raise DemoError(f"the {key} worker exited early (code {proc.returncode}):\n{tail(log_path)}")
+        worker = self.start_worker(
+            key,
+            [
+                "--worker",
+                "rq",
+                "--mode",
+                mode,
+                "--rq-class",
+                rq_class,
+                "--redis",
+                self.server.url,
+                "--queue",
+                queue_name,
+            ],
+        )
 
         def ids(registry: Any, batch: int) -> list[str]:
             prefix = f"{queue_name}-b{batch}-"
@@ -119,24 +114,19 @@ class RQRun:
         say(f"\n[{key}] manage.py consume_orders --worker rq --mode {mode} --rq-class {rq_class}: {label}")
         try:
             send(1)
-            took = wait_for("RQ to run batch 1", lambda: handled(1) >= self.orders, timeout=30, alive=alive)
+            took = wait_for("RQ to run batch 1", lambda: handled(1) >= self.orders, timeout=30, alive=worker.alive)
             say(
                 f"[{key}] batch 1: {self.orders} jobs enqueued, {len(ids(finished_reg, 1))} finished, "
                 f"{len(ids(failed_reg, 1))} failed after {took:.1f} s"
             )
-            say(f"[{key}] idle {self.idle:.1f} s: the server drops sessions idle for {self.wait_timeout} s")
-            time.sleep(self.idle)
+            self.idle_spell(key)
             send(2)
-            took = wait_for("RQ to run batch 2", lambda: handled(2) >= self.orders, timeout=20, alive=alive)
+            took = wait_for("RQ to run batch 2", lambda: handled(2) >= self.orders, timeout=20, alive=worker.alive)
             say(
                 f"[{key}] batch 2: {self.orders} jobs enqueued, {len(ids(finished_reg, 2))} finished, "
                 f"{len(ids(failed_reg, 2))} failed after {took:.1f} s"
             )
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out, _ = proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired as exc:
-                raise DemoError(f"the {key} worker did not stop within 20 s of SIGTERM") from exc
+            out = worker.stop()
 
             jobs: dict[str, dict[str, int]] = {}
             failed_errors: Counter[str] = Counter()
@@ -158,23 +148,16 @@ class RQRun:
                         horse_stats.append(value["freshconn"])
             failed_registry = failed_reg.count
         finally:
-            stop_process(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            worker.close()
             client.close()
-        lines = out.decode(errors="replace").strip().splitlines()
-        try:
-            summary = json.loads(lines[-1])
-        except (IndexError, ValueError) as exc:
-            raise DemoError(f"the {key} worker printed no summary:\n{tail(log_path)}") from exc
-        say(f"[{key}] worker stopped with SIGTERM, exit code {proc.returncode}")
+        summary = worker.summary(out)
         return {
             "mode": key,
             "worker_mode": mode,
             "rq_class": rq_class,
             "worker_class": label,
             "sent": {"1": self.orders, "2": self.orders},
-            "rows": count_rows(self.db),
+            "rows": self.rows(),
             "jobs": jobs,
             "failed_registry": failed_registry,
             "failed_errors": dict(failed_errors),
@@ -183,10 +166,92 @@ class RQRun:
             "job_pids": sorted(job_pids),
             "job_connects": sum_counter(horse_stats, "connects") if rq_class == "fork" else None,
             "aborted_clients": self.aborted_clients() - aborted_before,
-            "worker_exit": proc.returncode,
-            "worker_pid": proc.pid,
+            "worker_exit": worker.proc.returncode,
+            "worker_pid": worker.proc.pid,
             "worker": summary,
         }
+
+    def problems(self, results: dict[str, Result]) -> list[str]:
+        found = []
+        for r in results.values():
+            found += self.exit_problems(r)
+        plain, fresh = results["plain"], results["freshconn"]
+        for r in (plain, fresh):
+            found += self.batch_one_problems(r)
+            if r["failed_registry"] != r["worker"]["errors"]:
+                found.append(
+                    f"{r['mode']}: RQ's failed job registry holds {r['failed_registry']} jobs, "
+                    f"the worker counted {r['worker']['errors']} failures"
+                )
+        pw = plain["worker"]
+        return found + self.claim_problems(
+            plain,
+            fresh,
+            plain_not_broken=None
+            if plain["jobs"]["2"]["failed"] >= 1 and pw["first_error_is_disconnect"]
+            else f"plain: expected failed jobs with a disconnect error after the idle, got {pw['first_error']!r}",
+            fresh_failed=f"freshconn: {fresh['failed_registry']} failed jobs, first: {fresh['first_failed_error']}"
+            if fresh["failed_registry"]
+            else None,
+        )
+
+    def report(self, results: dict[str, Result]) -> None:
+        n = self.orders
+
+        def batch(r: Result, b: str) -> str:
+            return f"{r['rows'].get(b, 0)}/{n} written, {r['jobs'][b]['failed']} jobs failed"
+
+        def stats(r: Result) -> str:
+            return freshconn_cell(r["worker"]["freshconn"], used=r["worker_mode"] != "plain")
+
+        plain, fresh, fork = results["plain"], results["freshconn"], results["plain_fork"]
+        self.table(
+            plain,
+            fresh,
+            (plain["worker_class"], fresh["worker_class"]),
+            "jobs",
+            batch,
+            [
+                ("RQ failed job registry", f"{plain['failed_registry']} jobs", f"{fresh['failed_registry']} jobs"),
+                ("freshconn.stats() (worker)", stats(plain), stats(fresh)),
+            ],
+        )
+        for r in (plain, fresh):
+            error_lines(
+                f"{r['mode']} worker",
+                "first failed job: ",
+                "then:             ",
+                r["first_failed_error"],
+                r["failed_errors"],
+            )
+        handled = sum(fork["jobs"][b]["finished"] + fork["jobs"][b]["failed"] for b in ("1", "2"))
+        horses = [p for p in fork["job_pids"] if p != fork["worker_pid"]]
+        say(
+            f"\nFor comparison, {fork['worker_class']} without freshconn: {fork['rows']['total']} of {2 * n} written, "
+            f"{fork['failed_registry']} jobs failed. Its {handled} jobs ran in {len(horses)} work horses"
+        )
+        say(
+            f"    (processes forked for one job each), which opened {fork['job_connects']} connections between them; "
+            f"the worker process itself opened {fork['worker']['freshconn'].get('connects', 0)}."
+        )
+        say(
+            "    RQ ends each horse with os._exit(), so none closes its session: the server counted "
+            f"{fork['aborted_clients']} aborted clients\n"
+            f"    (with the SimpleWorkers: {plain['aborted_clients']} and {fresh['aborted_clients']}, the session "
+            "the server dropped at its wait_timeout)."
+        )
+        if not fork["failed_registry"] and fork["job_connects"] == handled:
+            say("    So it does not get stuck: no connection lives through the idle spell; it pays a connect per job.")
+
+    def success(self, results: dict[str, Result]) -> str:
+        plain, fresh = results["plain"], results["freshconn"]
+        failed = plain["jobs"]["2"]["failed"]
+        return (
+            "OK: with rq.SimpleWorker the worker stayed broken after the server dropped its idle connection "
+            f"({failed} of {self.orders} later jobs failed);\n"
+            f"    with FreshconnSimpleWorker it replaced the connection before the next job and wrote all "
+            f"{fresh['rows']['total']} orders, each once."
+        )
 
 
 def last_line(text: str | None) -> str:
@@ -200,170 +265,3 @@ def last_line(text: str | None) -> str:
 
 def sum_counter(stats: list[dict[str, Any]], counter: str) -> int:
     return sum(int(s.get(counter, 0)) for s in stats)
-
-
-def problems(results: dict[str, dict[str, Any]], orders: int) -> list[str]:
-    """What did not go as the demo claims; empty when the plain SimpleWorker broke and freshconn's did not."""
-    found = []
-    for r in results.values():
-        if r["worker_exit"] != 0:
-            found.append(f"{r['mode']}: the worker exited with code {r['worker_exit']}")
-    plain, fresh = results["plain"], results["freshconn"]
-    for r in (plain, fresh):
-        if r["rows"].get("1", 0) != orders:
-            found.append(f"{r['mode']}: batch 1 has {r['rows'].get('1', 0)} rows, expected {orders}")
-        if r["failed_registry"] != r["worker"]["errors"]:
-            found.append(
-                f"{r['mode']}: RQ's failed job registry holds {r['failed_registry']} jobs, "
-                f"the worker counted {r['worker']['errors']} failures"
-            )
-    pw = plain["worker"]
-    if plain["jobs"]["2"]["failed"] < 1 or not pw["first_error_is_disconnect"]:
-        found.append(f"plain: expected failed jobs with a disconnect error after the idle, got {pw['first_error']!r}")
-    if plain["rows"].get("2", 0) >= orders:
-        found.append("plain: every order of batch 2 was written; the server did not drop the idle connection")
-    if fresh["failed_registry"]:
-        found.append(f"freshconn: {fresh['failed_registry']} failed jobs, first: {fresh['first_failed_error']}")
-    if fresh["rows"]["total"] != 2 * orders or fresh["rows"]["distinct_refs"] != 2 * orders:
-        found.append(f"freshconn: {fresh['rows']['total']} rows, expected {2 * orders} distinct orders")
-    if fresh["worker"]["freshconn"].get("discarded", 0) < 1:
-        found.append("freshconn: no connection was discarded")
-    return found
-
-
-def report(results: dict[str, dict[str, Any]], run: RQRun) -> None:
-    n = run.orders
-
-    def batch(r: dict[str, Any], b: str) -> str:
-        return f"{r['rows'].get(b, 0)}/{n} written, {r['jobs'][b]['failed']} jobs failed"
-
-    def stats(r: dict[str, Any]) -> str:
-        s = r["worker"]["freshconn"]
-        if r["worker_mode"] == "plain":
-            return f"(not used; connects={s.get('connects', 0)})"
-        reasons = ", ".join(f"{k[len('discarded_') :]}={v}" for k, v in s.items() if k.startswith("discarded_") and v)
-        return (
-            f"units={s.get('units', 0)} pings={s.get('pings', 0)} connects={s.get('connects', 0)} "
-            f"discarded={s.get('discarded', 0)}" + (f" ({reasons})" if reasons else "")
-        )
-
-    plain, fresh, fork = results["plain"], results["freshconn"], results["plain_fork"]
-    rows = [
-        ("", plain["worker_class"], fresh["worker_class"]),
-        (f"batch 1 ({n} jobs)", batch(plain, "1"), batch(fresh, "1")),
-        (f"batch 2, after {run.idle:.1f} s idle", batch(plain, "2"), batch(fresh, "2")),
-        (
-            "rows in the table",
-            f"{plain['rows']['total']} of {2 * n}",
-            f"{fresh['rows']['total']} of {2 * n} ({fresh['rows']['distinct_refs']} distinct)",
-        ),
-        ("RQ failed job registry", f"{plain['failed_registry']} jobs", f"{fresh['failed_registry']} jobs"),
-        ("freshconn.stats() (worker)", stats(plain), stats(fresh)),
-    ]
-    say()
-    for label, left, right in rows:
-        say(f"{label:<28}{left:<34}{right}")
-    for r in (plain, fresh):
-        first = r["first_failed_error"]
-        if first:
-            say(f"{r['mode']} worker, first failed job: {first}")
-            later = dict(r["failed_errors"])
-            later[first] -= 1
-            for text, count in later.items():
-                if count:
-                    say(f"{r['mode']} worker, then:             {count} x {'the same' if text == first else text}")
-    handled = sum(fork["jobs"][b]["finished"] + fork["jobs"][b]["failed"] for b in ("1", "2"))
-    horses = [p for p in fork["job_pids"] if p != fork["worker_pid"]]
-    say(
-        f"\nFor comparison, {fork['worker_class']} without freshconn: {fork['rows']['total']} of {2 * n} written, "
-        f"{fork['failed_registry']} jobs failed. Its {handled} jobs ran in {len(horses)} work horses"
-    )
-    say(
-        f"    (processes forked for one job each), which opened {fork['job_connects']} connections between them; "
-        f"the worker process itself opened {fork['worker']['freshconn'].get('connects', 0)}."
-    )
-    say(
-        "    RQ ends each horse with os._exit(), so none closes its session: the server counted "
-        f"{fork['aborted_clients']} aborted clients\n"
-        f"    (with the SimpleWorkers: {plain['aborted_clients']} and {fresh['aborted_clients']}, the session "
-        "the server dropped at its wait_timeout)."
-    )
-    if not fork["failed_registry"] and fork["job_connects"] == handled:
-        say("    So it does not get stuck: no connection lives through the idle spell; it pays a connect per job.")
-
-
-def main(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-
-    stopped_by = [signal.SIGINT]
-
-    def on_signal(signum: int, frame: Any) -> None:
-        # Unwinds like a Ctrl-C, through the ExitStack that stops the worker and the servers.
-        stopped_by[0] = signal.Signals(signum)
-        raise KeyboardInterrupt
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    results: dict[str, dict[str, Any]] = {}
-    # What the demo started, so that a test can check that none of it is left behind.
-    cleanup: dict[str, list[Any]] = {"pids": [], "dirs": []}
-    found: list[str]
-    try:
-        with ExitStack() as stack:
-            say(
-                "freshconn demo: RQ workers writing orders to a MariaDB "
-                f"whose wait_timeout is {args.wait_timeout} s (jobs in a throwaway Redis)"
-            )
-            # The server's own idle limit, as in production (not a per-session init_command).
-            db = MariaDB(extra=[f"--wait-timeout={args.wait_timeout}"])
-            stack.callback(db.stop)
-            redis = Redis()
-            stack.callback(redis.stop)
-            tmp = tempfile.mkdtemp(prefix="fc-demo-")
-            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-            # Runs first on the way out: a second Ctrl-C must not interrupt the servers' shutdown.
-            stack.callback(ignore_signals)
-            cleanup["dirs"].append(tmp)
-            db.start()
-            cleanup["pids"].append(db.proc.pid if db.proc else None)
-            cleanup["dirs"].append(db.tmp)
-            redis.start()
-            cleanup["pids"].append(redis.proc.pid if redis.proc else None)
-            cleanup["dirs"].append(redis.tmp)
-            version = db.admin_sql("SELECT VERSION()").strip().split("-")[0]
-            run = RQRun(db, redis, tmp, args.orders, args.wait_timeout)
-            migrate(run.env)
-            say(
-                f"servers up in {time.monotonic() - started:.1f} s: MariaDB {version} on 127.0.0.1:{db.port}, "
-                f"Redis on 127.0.0.1:{redis.port}; table orders_order migrated"
-            )
-            for key, mode, rq_class, label in RUNS:
-                results[key] = run.run_mode(key, mode, rq_class, label)
-                cleanup["pids"].append(results[key]["worker_pid"])
-        report(results, run)
-        found = problems(results, args.orders)
-    except DemoError as exc:
-        found = [f"the demo could not complete: {exc}"]
-    except Exception as exc:
-        found = [f"the demo could not complete: {type(exc).__name__}: {exc}"]
-    except KeyboardInterrupt:
-        say(f"\nstopped by {stopped_by[0].name}: the workers and every server were stopped")
-        return 128 + stopped_by[0]
-    wall = time.monotonic() - started
-    say()
-    if found:
-        say("UNEXPECTED: " + "\n            ".join(found))
-    else:
-        plain, fresh = results["plain"], results["freshconn"]
-        failed = plain["jobs"]["2"]["failed"]
-        say(
-            "OK: with rq.SimpleWorker the worker stayed broken after the server dropped its idle connection "
-            f"({failed} of {args.orders} later jobs failed);\n"
-            f"    with FreshconnSimpleWorker it replaced the connection before the next job and wrote all "
-            f"{fresh['rows']['total']} orders, each once."
-        )
-    say(f"demo finished in {wall:.1f} s; every server stopped")
-    if args.json:
-        summary = {"ok": not found, "problems": found, "wall_seconds": round(wall, 2), "modes": results}
-        say(json.dumps({**summary, "cleanup": cleanup}))
-    return 1 if found else 0

@@ -29,8 +29,12 @@ class BlackHoleNet:
         self._rules: list[list[str]] = []
 
     def prefix(self) -> list[str]:
-        """Command prefix that runs a program inside the namespace."""
-        return ["ip", "netns", "exec", self.name]
+        """Command prefix that runs a program inside the namespace.
+
+        nsenter switches only the network namespace; ``ip netns exec`` also remounts /sys in a new
+        mount namespace, which fails inside a chroot ("mount --make-rslave /").
+        """
+        return ["nsenter", f"--net=/run/netns/{self.name}"]
 
     def __enter__(self) -> BlackHoleNet:
         self.start()

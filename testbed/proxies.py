@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from typing import Any
+from typing import Any, ClassVar
 
 from testbed.servers import APP_PASSWORD, APP_USER, DB_NAME, Server, _which, free_port, wait_port
 
@@ -75,6 +75,8 @@ class PgBouncer(Server):
     ``settings`` adds or overrides lines of the ``[pgbouncer]`` section. PgBouncer refuses to run
     as root: it is started with ``-u postgres`` and its files are made readable by that user.
     """
+
+    engine: ClassVar[str] = "postgresql"
 
     def __init__(
         self,
@@ -135,17 +137,6 @@ class PgBouncer(Server):
         except Exception:
             self.stop()
             raise
-
-    def django_settings(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": DB_NAME,
-            "USER": APP_USER,
-            "PASSWORD": APP_PASSWORD,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            **extra,
-        }
 
     def log_text(self) -> str:
         """PgBouncer's own log (useful when a login through it fails)."""

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 APP_USER = "app"
 APP_PASSWORD = "app-secret-pw"
@@ -71,6 +71,21 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    #: Django backend name for django_settings(): "mysql" or "postgresql" (empty: not a database).
+    engine: ClassVar[str] = ""
+
+    def django_settings(self, **extra: Any) -> dict[str, Any]:
+        """The DATABASES entry for the app user on this server (or on the proxy in front of one)."""
+        return {
+            "ENGINE": f"django.db.backends.{self.engine}",
+            "NAME": DB_NAME,
+            "USER": APP_USER,
+            "PASSWORD": APP_PASSWORD,
+            "HOST": self.host,
+            "PORT": str(self.port),
+            **extra,
+        }
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -111,6 +126,8 @@ class Server:
 @dataclass
 class MariaDB(Server):
     """A MariaDB server with a database, an app user, and a root user for fault injection."""
+
+    engine: ClassVar[str] = "mysql"
 
     def start(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="fc-my-")
@@ -173,21 +190,12 @@ class MariaDB(Server):
         )
         return out.stdout.decode()
 
-    def django_settings(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "ENGINE": "django.db.backends.mysql",
-            "NAME": DB_NAME,
-            "USER": APP_USER,
-            "PASSWORD": APP_PASSWORD,
-            "HOST": self.host,
-            "PORT": str(self.port),
-            **extra,
-        }
-
 
 @dataclass
 class PostgreSQL(Server):
     """A PostgreSQL server (run as the postgres user: it refuses root) with an app role and database."""
+
+    engine: ClassVar[str] = "postgresql"
 
     def start(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="fc-pg-")
@@ -239,17 +247,6 @@ class PostgreSQL(Server):
             [self._psql, "-h", self.tmp, "-p", str(self.port), "-U", "postgres", "-d", db, "-At", "-c", sql]
         )
         return out.stdout.decode()
-
-    def django_settings(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": DB_NAME,
-            "USER": APP_USER,
-            "PASSWORD": APP_PASSWORD,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            **extra,
-        }
 
 
 @dataclass

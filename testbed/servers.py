@@ -133,20 +133,26 @@ class MariaDB(Server):
         self.tmp = tempfile.mkdtemp(prefix="fc-my-")
         self.datadir = os.path.join(self.tmp, "data")
         self.socket = os.path.join(self.tmp, "s.sock")
+        # A private tmpdir: servers bootstrapping at the same time in the shared /tmp collide on
+        # their temporary table names ("Unknown table 'mysql.tmp_user_sys'", seen in CI).
+        self.tmpdir = os.path.join(self.tmp, "tmp")
+        os.mkdir(self.tmpdir)
         install = _which("mariadb-install-db", "/usr/bin/mariadb-install-db")
-        subprocess.run(
+        done = subprocess.run(
             [
                 install,
                 "--no-defaults",
                 f"--datadir={self.datadir}",
+                f"--tmpdir={self.tmpdir}",
                 "--user=root",
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
             ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            check=False,
+            capture_output=True,
         )
+        if done.returncode:
+            raise RuntimeError(f"mariadb-install-db failed ({done.returncode}): {done.stdout.decode()[-2000:]}")
         self.port = self.port or free_port()
         self._launch()
         self.admin_sql(
@@ -166,6 +172,7 @@ class MariaDB(Server):
                 "--user=root",
                 f"--datadir={self.datadir}",
                 f"--socket={self.socket}",
+                f"--tmpdir={self.tmpdir}",
                 f"--port={self.port}",
                 f"--bind-address={self.host}",
                 "--skip-name-resolve",

@@ -14,11 +14,10 @@ Like ``testbed.servers``: loopback only, a kernel-picked port, a temp directory,
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from typing import Any, ClassVar
 
-from testbed.servers import APP_PASSWORD, APP_USER, DB_NAME, Server, _which, free_port, wait_port
+from testbed.servers import APP_PASSWORD, APP_USER, DB_NAME, Server, _which, free_port
 
 
 class HAProxy(Server):
@@ -53,15 +52,8 @@ class HAProxy(Server):
                 f"    server backend 127.0.0.1:{self.backend_port}\n"
             )
         binary = _which("haproxy", "/usr/sbin/haproxy")
-        log = open(os.path.join(self.tmp, "haproxy.log"), "ab")
         # -db: stay in the foreground, so self.proc is the process that serves (stopped by its PID).
-        self.proc = subprocess.Popen([binary, "-db", "-f", config], stdout=log, stderr=log)
-        log.close()
-        try:
-            wait_port(self.port, proc=self.proc)
-        except Exception:
-            self.stop()
-            raise
+        self._spawn([binary, "-db", "-f", config], "haproxy.log")
 
 
 class PgBouncer(Server):
@@ -129,14 +121,7 @@ class PgBouncer(Server):
         cmd = [binary, config]
         if os.geteuid() == 0:
             cmd = [binary, "-u", "postgres", config]
-        log = open(os.path.join(self.tmp, "pgbouncer.log"), "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        log.close()
-        try:
-            wait_port(self.port, proc=self.proc)
-        except Exception:
-            self.stop()
-            raise
+        self._spawn(cmd, "pgbouncer.log")
 
     def log_text(self) -> str:
         """PgBouncer's own log (useful when a login through it fails)."""

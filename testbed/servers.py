@@ -93,6 +93,19 @@ class Server:
         """Start the server process on existing data (after start() initialised it)."""
         raise NotImplementedError
 
+    def _spawn(self, cmd: list[str], log_name: str, **popen: Any) -> None:
+        """Run ``cmd`` as this server's process, its output in ``tmp/log_name``, and wait until it listens.
+
+        If it exits or never listens, everything it left is stopped and removed before the error rises.
+        """
+        with open(os.path.join(self.tmp, log_name), "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, **popen)
+        try:
+            wait_port(self.port, proc=self.proc, host=self.host)
+        except Exception:
+            self.stop()
+            raise
+
     def restart(self, down_for: float = 0.0) -> None:
         """Stop the server process (keeping its data) and start it again on the same port."""
         self._kill_proc()
@@ -163,8 +176,7 @@ class MariaDB(Server):
 
     def _launch(self) -> None:
         mariadbd = _which("mariadbd", "/usr/sbin/mariadbd")
-        log = open(os.path.join(self.tmp, "server.log"), "ab")
-        self.proc = subprocess.Popen(
+        self._spawn(
             [
                 *self.prefix,
                 mariadbd,
@@ -182,11 +194,8 @@ class MariaDB(Server):
                 "--innodb-flush-log-at-trx-commit=0",
                 *self.extra,
             ],
-            stdout=log,
-            stderr=log,
+            "server.log",
         )
-        log.close()
-        wait_port(self.port, proc=self.proc, host=self.host)
 
     def admin_sql(self, sql: str) -> str:
         client = _which("mariadb", "/usr/bin/mariadb")
@@ -272,8 +281,7 @@ class Tansu(Server):
         self.tmp = tempfile.mkdtemp(prefix="fc-kafka-")
         self.port = self.port or free_port()
         url = f"tcp://127.0.0.1:{self.port}"
-        log = open(os.path.join(self.tmp, "broker.log"), "ab")
-        self.proc = subprocess.Popen(
+        self._spawn(
             [
                 binary,
                 "broker",
@@ -284,12 +292,9 @@ class Tansu(Server):
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            stdout=log,
-            stderr=log,
+            "broker.log",
             cwd=self.tmp,
         )
-        log.close()
-        wait_port(self.port, proc=self.proc)
 
     @property
     def bootstrap(self) -> str:

@@ -35,12 +35,11 @@ _OUTAGE_REASONS = frozenset({"dead", "error"})
 class ConnState:
     """What freshconn remembers about one open connection (one per Django wrapper, replaced on reconnect)."""
 
-    __slots__ = ("deadline", "driver", "idle_limit", "last_used", "opened_at", "poller", "raw")
+    __slots__ = ("deadline", "driver", "idle_limit", "last_used", "poller", "raw")
 
     def __init__(self, driver: _drivers.Driver, raw: Any, now: float, deadline: float) -> None:
         self.driver = driver
         self.raw = raw
-        self.opened_at = now
         self.last_used = now
         self.deadline = deadline
         self.idle_limit: float | None = None

@@ -131,7 +131,7 @@ def wire_freshconn_for_its_worker_only() -> None:
     """
     from django.db.backends.signals import connection_created
 
-    from freshconn import _lifecycle
+    from freshconn import _state
 
     connection_created.disconnect(dispatch_uid="freshconn.connection_created")
 
@@ -141,7 +141,7 @@ def wire_freshconn_for_its_worker_only() -> None:
             return
         worker.connects += 1
         if worker.policy == "freshconn":
-            _lifecycle.on_connection_created(sender, connection, **kwargs)
+            _state.on_connection_created(sender, connection, **kwargs)
 
     connection_created.connect(on_created, weak=False, dispatch_uid="benchmarks.on_created")
 

@@ -16,7 +16,7 @@ from django.db import connections
 from testbed.servers import MariaDB, PostgreSQL, Server
 
 import freshconn
-from freshconn import _lifecycle
+from freshconn import _outage, _state
 
 DRIVER: str = settings.DRIVER
 VENDOR: str = settings.VENDOR
@@ -107,6 +107,7 @@ def live(transactional_db: None) -> Iterator[None]:
     for conn in connections.all(initialized_only=True):
         _close_quietly(conn)
     freshconn.reset_stats()
+    _outage.reset()
     yield
     for conn in connections.all(initialized_only=True):
         if conn.in_atomic_block:
@@ -144,6 +145,21 @@ def short_timeout(dbconf: Callable[..., None]) -> int:
     return SHORT_TIMEOUT
 
 
+def run_async(coro: Any) -> Any:
+    """asyncio.run(coro), then close the connections the async ORM opened in its own thread."""
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+
+    async def main() -> Any:
+        try:
+            return await coro
+        finally:
+            await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+    return asyncio.run(main())
+
+
 def counters(alias: str = "default") -> dict[str, int]:
     return freshconn.stats().get(alias, {})
 
@@ -151,7 +167,7 @@ def counters(alias: str = "default") -> dict[str, int]:
 def wait_until_socket_shows_close(alias: str = "default", timeout: float = 5.0) -> None:
     """After the server dropped a session, wait until the FIN reached this side of the socket."""
     conn = connections[alias]
-    state = getattr(conn, _lifecycle._STATE_ATTR)
+    state = getattr(conn, _state.STATE_ATTR)
     deadline = time.monotonic() + timeout
     while not state.socket_has_news() and time.monotonic() < deadline:
         time.sleep(0.01)

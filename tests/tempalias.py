@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from freshconn import _lifecycle
+from freshconn import _aliases
 
 
 def _running_test_case() -> Any:
@@ -35,7 +35,7 @@ def temp_alias(alias: str, settings_dict: dict[str, Any]) -> Iterator[str]:
     connections.settings[alias] = full
     settings.DATABASES[alias] = full
     # freshconn caches the list of server aliases per settings; no setting_changed fires here.
-    _lifecycle.reset_caches()
+    _aliases.reset_caches()
     case = _running_test_case()
     saved = case.databases if case is not None else None
     if case is not None and saved != "__all__":
@@ -56,4 +56,4 @@ def temp_alias(alias: str, settings_dict: dict[str, Any]) -> Iterator[str]:
             # connections.settings is usually settings.DATABASES itself: pop from both, tolerantly.
             connections.settings.pop(alias, None)
             settings.DATABASES.pop(alias, None)
-            _lifecycle.reset_caches()
+            _aliases.reset_caches()

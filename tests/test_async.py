@@ -115,14 +115,16 @@ def test_disconnect_inside_a_unit_reaches_the_caller_then_the_next_unit_works(li
 
 def test_aeach_closed_early_ends_the_current_unit(live):
     """Breaking out of aeach inside contextlib.aclosing ends the unit in progress (units are not left open)."""
-    from freshconn import _lifecycle
+    from freshconn import _state
 
     async def main() -> int:
         async with contextlib.aclosing(freshconn.aeach([1, 2, 3])) as items:
             async for item in items:
                 await Order.objects.acreate(ref=f"e{item}")
                 break
-        return await sync_to_async(lambda: _lifecycle._local.depth, thread_sensitive=True)()
+        return await sync_to_async(
+            lambda: _state.local().async_open + len(_state.local().stack), thread_sensitive=True
+        )()
 
     assert run(main()) == 0
     assert counters()["units"] == 1
@@ -134,3 +136,43 @@ def test_aunit_of_work_rejects_sync_functions_and_positional_aliases():
         freshconn.aunit_of_work(lambda: None)
     with pytest.raises(TypeError, match="keyword"):
         freshconn.aunit_of_work("default")  # type: ignore[call-overload]
+
+
+def test_overlapping_async_units_each_act_and_a_kill_fails_only_the_tasks_in_flight(live):
+    """60 overlapping aunit_of_work tasks: each is its own unit; after a KILL mid-stream only tasks in flight fail."""
+    kill_at = 30
+    outcomes: dict[int, object] = {}
+    started: dict[int, float] = {}
+    killed_at: list[float] = []
+
+    async def task(i: int) -> None:
+        started[i] = asyncio.get_running_loop().time()
+        try:
+            async with freshconn.aunit_of_work():
+                await Order.objects.filter(ref=f"t{i}").aexists()
+                await asyncio.sleep(0.02)
+                await Order.objects.acreate(ref=f"t{i}")
+            outcomes[i] = "ok"
+        except Error as exc:
+            outcomes[i] = exc
+
+    async def main() -> None:
+        tasks = []
+        for i in range(60):
+            tasks.append(asyncio.ensure_future(task(i)))
+            if i == kill_at:
+                await sync_to_async(kill_connection, thread_sensitive=True)()
+                killed_at.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+
+    run(main())
+    failed = sorted(i for i, o in outcomes.items() if o != "ok")
+    assert all(freshconn.is_disconnect(outcomes[i]) for i in failed)
+    assert len(failed) <= 6, failed  # only the tasks whose queries were queued around the kill
+    late = [i for i in outcomes if started[i] > killed_at[0] + 0.2]
+    assert late and all(outcomes[i] == "ok" for i in late)
+    assert Order.objects.count() == 60 - len(failed)
+    c = counters()
+    assert c["units"] == 60
+    assert c["discarded"] >= 1  # found dead at a unit's start, or dropped at the end of a failed one

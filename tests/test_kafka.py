@@ -215,7 +215,8 @@ def test_db_kill_mid_message_redelivers_it_and_it_is_applied_once(client, sync_h
     assert all(offset <= rows for offset, rows in checks), checks
     assert checks[2] == (1, 1)  # the redelivery of offset 1: only offset 0 committed, only its row applied
     assert committed(broker, r.group, topic) == 3
-    assert counters()["discarded_error"] >= 1
+    # The killed session was dropped (by Django's atomic exit or by freshconn), never reused.
+    assert counters()["connects"] >= 2
 
 
 @pytest.mark.parametrize("client", CLIENTS)

@@ -168,13 +168,24 @@ def test_idle_beyond_check_after_idle_pings_once_then_reuses(live):
     assert counters()["connects"] == 1
 
 
-def test_conn_max_age_zero_connects_once_per_unit(dbconf):
-    """With Django's CONN_MAX_AGE=0, each unit opens and closes its connection, like a request."""
+def test_django_conn_max_age_zero_still_persists_in_units(dbconf):
+    """Django's default CONN_MAX_AGE=0 (a connection per request) does not make units reconnect every time."""
     dbconf(CONN_MAX_AGE=0)
     for _ in range(5):
         with freshconn.unit_of_work():
             select_one()
-        assert connection.connection is None
+        assert connection.connection is not None
+    assert counters()["connects"] == 1
+    assert counters()["pings"] == 0
+
+
+def test_freshconn_conn_max_age_zero_connects_once_per_unit(dbconf):
+    """FRESHCONN['CONN_MAX_AGE'] = 0 restores a connection per unit, opened and closed like a request's."""
+    with override_settings(FRESHCONN={"CONN_MAX_AGE": 0}):
+        for _ in range(5):
+            with freshconn.unit_of_work():
+                select_one()
+            assert connection.connection is None
     assert counters()["connects"] == 5
     assert counters()["pings"] == 0
 

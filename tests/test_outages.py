@@ -40,44 +40,45 @@ def test_server_restart_while_idle_next_unit_succeeds(live, server):
     assert counters()["connects"] == 2
 
 
-def test_server_down_fails_fast_then_worker_resumes_on_its_own(dbconf, server):
-    """With the server down a unit fails at once with a disconnect error; once it is back, units succeed."""
+def test_server_down_past_reconnect_timeout_fails_then_worker_resumes(dbconf, server):
+    """A server down longer than RECONNECT_TIMEOUT fails the unit with a disconnect error; once back, units succeed."""
     dbconf(OPTIONS={"connect_timeout": 3})
     unit_select()
     server.down()
     try:
-        for _ in range(2):
-            with pytest.raises(OperationalError) as err:
-                unit_select()
-            assert freshconn.is_disconnect(err.value)
-            assert "app-secret-pw" not in str(err.value)
+        with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 1.0}):
+            for _ in range(2):
+                with pytest.raises(OperationalError) as err:
+                    unit_select()
+                assert freshconn.is_disconnect(err.value)
+                assert "app-secret-pw" not in str(err.value)
     finally:
         server.up()
     assert unit_select() == 1
 
 
-def test_reconnect_timeout_rides_through_a_short_restart(dbconf, server):
-    """With RECONNECT_TIMEOUT, a unit that starts while the server restarts waits for it and succeeds."""
+def test_default_settings_ride_through_a_short_restart(dbconf, server):
+    """With default settings, a unit that starts while the server restarts waits for it and succeeds."""
     dbconf(OPTIONS={"connect_timeout": 3})
     unit_select()
     server.down()
     timer = threading.Timer(1.5, server.up)
     timer.start()
     try:
-        with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 20.0}):
-            assert unit_select() == 1
+        assert unit_select() == 1
     finally:
         timer.join()
     assert counters()["discarded_dead"] == 1
+    assert counters()["reconnect_waits"] == 1
 
 
-def test_without_reconnect_timeout_a_unit_during_a_restart_fails(dbconf, server):
-    """For contrast: with the default RECONNECT_TIMEOUT of 0, the same unit fails while the server is down."""
+def test_with_reconnect_timeout_zero_a_unit_during_a_restart_fails(dbconf, server):
+    """For contrast: with RECONNECT_TIMEOUT = 0, the same unit fails while the server is down."""
     dbconf(OPTIONS={"connect_timeout": 3})
     unit_select()
     server.down()
     try:
-        with pytest.raises(OperationalError):
+        with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 0}), pytest.raises(OperationalError):
             unit_select()
     finally:
         server.up()
@@ -183,12 +184,14 @@ def test_black_hole_while_idle_fails_within_bound_then_recovers(dbconf, black_ho
     worker = Worker()
     worker.start()
     try:
-        with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 0.3, "PING_TIMEOUT": 1.0}):
+        settings = {"CHECK_AFTER_IDLE": 0.3, "PING_TIMEOUT": 1.0, "RECONNECT_TIMEOUT": 3.0}
+        with override_settings(FRESHCONN=settings):
             assert worker.unit(10.0) == (True, 1)
             time.sleep(0.5)
             net.drop(srv.port)
             try:
-                # Ping bounded by PING_TIMEOUT (~1 s), then reconnect bounded by connect_timeout (2 s).
+                # Ping bounded by PING_TIMEOUT (~1 s), then reconnects (each bounded by connect_timeout,
+                # 2 s) for RECONNECT_TIMEOUT (3 s): the unit fails within about 7 s, never hangs.
                 finished, outcome = worker.unit(15.0)
             finally:
                 net.restore()
@@ -198,6 +201,32 @@ def test_black_hole_while_idle_fails_within_bound_then_recovers(dbconf, black_ho
             assert counters()["pings"] == 1
             assert counters()["discarded_dead"] == 1
             assert worker.unit(10.0) == (True, 1)
-            assert counters()["connects"] == 2
+    finally:
+        worker.finish()
+
+
+def test_black_hole_shorter_than_reconnect_timeout_is_ridden_through(dbconf, black_hole):
+    """With default settings, a unit that meets a black hole waits for the path to come back and succeeds."""
+    net, srv = black_hole
+    dbconf(HOST=srv.host, PORT=str(srv.port), NAME="freshconn", OPTIONS={"connect_timeout": 2})
+    worker = Worker()
+    worker.start()
+    try:
+        with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 0.3, "PING_TIMEOUT": 1.0}):
+            assert worker.unit(10.0) == (True, 1)
+            time.sleep(0.5)
+            net.drop(srv.port)
+            timer = threading.Timer(4.0, net.restore)
+            timer.start()
+            try:
+                finished, outcome = worker.unit(30.0)
+            finally:
+                timer.join()
+            assert finished, "the unit hung on a black-holed connection"
+            assert outcome == 1
+            c = counters()
+            assert c["pings"] == 1
+            assert c["discarded_dead"] == 1
+            assert c["reconnect_attempts"] >= 2
     finally:
         worker.finish()

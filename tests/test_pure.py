@@ -13,7 +13,7 @@ from django.test import override_settings
 
 import freshconn
 from freshconn import _policy, conf
-from freshconn._retry import COMMIT, NEUTRAL, READ, WRITE, classify
+from freshconn._sql import COMMIT, NEUTRAL, READ, WRITE, classify
 
 
 @pytest.mark.parametrize(
@@ -243,3 +243,29 @@ def test_unit_of_work_refuses_coroutine_functions():
 
     with pytest.raises(TypeError):
         freshconn.unit_of_work(handler)
+
+
+def test_fast_path_and_start_rule_agree():
+    """The start-of-unit fast path (one number, check_at) says "reuse" exactly when start_verdict says None."""
+    import random
+
+    rng = random.Random(20261202)
+    for _ in range(20000):
+        now = rng.uniform(0, 100)
+        opened = now - rng.uniform(0, 50)
+        last_used = now - rng.choice([0.0, rng.uniform(0, 0.001), rng.uniform(0, 20)])
+        deadline = rng.choice([math.inf, opened + rng.uniform(0, 60)])
+        idle_limit = rng.choice([None, rng.uniform(0.1, 30)])
+        check_after = rng.choice([0.0, rng.uniform(0.1, 10)])
+        window = _policy.idle_window(idle_limit, check_after)
+        fast = now < _policy.check_at(deadline, last_used, window)
+        verdict = _policy.start_verdict(now, deadline, last_used, idle_limit, check_after, False)
+        assert fast == (verdict is None), (now, deadline, last_used, idle_limit, check_after, verdict)
+
+
+def test_reconnect_pauses_grow_are_capped_and_jittered():
+    """Pauses between attempts while a server is down double from 0.1 s up to 1 s, jittered down to half."""
+    assert _policy.reconnect_pause(1, 1.0) == pytest.approx(0.1)
+    assert _policy.reconnect_pause(2, 1.0) == pytest.approx(0.2)
+    assert _policy.reconnect_pause(10, 1.0) == pytest.approx(_policy.RECONNECT_MAX_PAUSE)
+    assert _policy.reconnect_pause(10, 0.0) == pytest.approx(_policy.RECONNECT_MAX_PAUSE / 2)

@@ -153,8 +153,26 @@ def test_with_block_cannot_take_retries(live):
         pass
 
 
-def test_nested_retrying_unit_runs_once(live):
-    """Inside an outer unit, a retrying function is not re-run: only the outermost unit can start afresh."""
+def test_retrying_function_inside_a_unit_retries(live):
+    """Inside an outer unit with no transaction open, a retrying function is re-run on a fresh connection."""
+    calls = []
+
+    @freshconn.unit_of_work(retries=3)
+    def inner() -> int:
+        calls.append(1)
+        Order.objects.count()
+        if len(calls) == 1:
+            kill_connection()
+        return Order.objects.count()
+
+    with freshconn.unit_of_work():
+        assert inner() == 0
+    assert len(calls) == 2
+    assert counters()["retries"] == 1
+
+
+def test_retrying_function_inside_the_callers_transaction_runs_once(live, caplog):
+    """Inside the caller's atomic block a retrying function runs once, with a warning and a counter."""
     calls = []
 
     @freshconn.unit_of_work(retries=3)
@@ -164,9 +182,11 @@ def test_nested_retrying_unit_runs_once(live):
         kill_connection()
         Order.objects.count()
 
-    with pytest.raises(OperationalError), freshconn.unit_of_work():
+    with pytest.raises(OperationalError), freshconn.unit_of_work(), transaction.atomic():
         inner()
     assert len(calls) == 1
+    assert counters()["not_retried_in_transaction"] == 1
+    assert "inside the caller's transaction" in caplog.text
 
 
 def _slow_write_sql() -> str:
@@ -265,10 +285,13 @@ def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, com
     """Losing the connection while COMMIT is in flight raises AmbiguousCommitError and is never retried."""
     calls = []
 
+    raws = []
+
     def body() -> None:
         calls.append(1)
         with transaction.atomic():
             Order.objects.create(ref="amb-1")
+            raws.append(connection.connection)
             _block_commits(commit_blocker)
             killer = KillWhen(server, backend_id(), "commit")
             killer.start()
@@ -285,9 +308,10 @@ def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, com
     assert isinstance(exc, OperationalError)
     assert freshconn.is_disconnect(exc)
     assert exc.__cause__ is not None
-    assert "Verify the outcome" in str(exc)
+    assert "wait_until_settled()" in str(exc)
     assert "app-secret-pw" not in str(exc)
-    assert connection.connection is None
+    # The lost session is gone for good; Django's Atomic may already have opened a fresh one.
+    assert connection.connection is not raws[0]
     if form == "decorator":
         assert counters()["not_retried_unsafe"] == 1
 

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from ._aliases import Using
 from ._async import AsyncUnitOfWork, aeach, aunit_of_work
-from ._errors import AmbiguousCommitError, is_disconnect
+from ._errors import AmbiguousCommitError, ReconnectStopped, is_disconnect
+from ._fork import forget_inherited_connections
 from ._stats import reset_stats, stats
-from ._threads import ThreadPoolExecutor
+from ._threads import ThreadPoolExecutor, close_thread_connections
 from ._unit import UnitOfWork, each, unit_of_work
+from ._units import UnitHandle, open_unit
 from .command import WorkerCommand
 
 __all__ = [
     "AmbiguousCommitError",
     "AsyncUnitOfWork",
+    "ReconnectStopped",
     "ThreadPoolExecutor",
+    "UnitHandle",
     "UnitOfWork",
+    "Using",
     "WorkerCommand",
     "aeach",
     "aunit_of_work",
+    "close_thread_connections",
     "each",
+    "forget_inherited_connections",
     "is_disconnect",
+    "open_unit",
     "reset_stats",
     "stats",
     "unit_of_work",

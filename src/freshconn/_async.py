@@ -12,42 +12,55 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from asgiref.sync import sync_to_async
 
-from . import _lifecycle
-from ._unit import Using, _scope, raise_if_commit_was_lost
+from . import _aliases
+from ._aliases import Scope, Using
+from ._units import UnitHandle, close_async, open_async
 
 __all__ = ["AsyncUnitOfWork", "aeach", "aunit_of_work"]
 
 T = TypeVar("T")
 AF = TypeVar("AF", bound=Callable[..., Coroutine[Any, Any, Any]])
 
-_enter = sync_to_async(_lifecycle.enter, thread_sensitive=True)
-_leave = sync_to_async(_lifecycle.leave, thread_sensitive=True)
+_open = sync_to_async(open_async, thread_sensitive=True)
+_close = sync_to_async(close_async, thread_sensitive=True)
+#: The async units this task (and the code it awaits) is inside, innermost last. A context
+#: variable, because concurrent tasks share a thread but each has its own units.
+_open_units: ContextVar[tuple[UnitHandle | None, ...]] = ContextVar("freshconn_async_units", default=())
 
 
 class AsyncUnitOfWork:
     """One async unit of work: ``async with`` context manager and decorator for coroutine functions.
 
-    Like the sync unit, the object holds only configuration and nesting is counted per thread:
-    here the thread that owns the async ORM's connections. Units of concurrent tasks that share
-    that thread therefore nest into one unit, as they share its connections.
+    Like the sync unit, the object holds only configuration. Nesting is per task: a unit inside a
+    unit of the same task is a no-op, while units of concurrent tasks are separate units that
+    share the async ORM thread's connections, each checked at its start and ended on its own.
     """
 
     __slots__ = ("scope", "using")
 
     def __init__(self, using: Using = None) -> None:
         self.using = using
-        self.scope = _scope(using)
+        self.scope: Scope = _aliases.scope_of(using, "aunit_of_work(using=...)")
 
     def __repr__(self) -> str:
         return f"aunit_of_work(using={self.using!r})"
 
     async def __aenter__(self) -> AsyncUnitOfWork:
-        await _enter(self.scope)
+        units = _open_units.get()
+        outer = next((h for h in reversed(units) if h is not None), None)
+        if outer is not None and not outer.closed:
+            # Inside a unit of this task, or of the task that created this one while its unit was open.
+            _open_units.set((*units, None))
+            return self
+        _aliases.ensure_known(self.scope, "aunit_of_work(using=...)")
+        handle = await _open(self.scope)
+        _open_units.set((*units, handle))
         return self
 
     async def __aexit__(
@@ -56,8 +69,13 @@ class AsyncUnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await _leave(self.scope, exc)
-        raise_if_commit_was_lost(exc)
+        units = _open_units.get()
+        if not units:
+            raise RuntimeError("aunit_of_work.__aexit__ without a matching __aenter__ in this task")
+        _open_units.set(units[:-1])
+        handle = units[-1]
+        if handle is not None:
+            await _close(handle, exc)
 
     def __call__(self, func: AF) -> AF:
         if not inspect.iscoroutinefunction(func):
@@ -79,10 +97,10 @@ def aunit_of_work(func: AF, /) -> AF: ...
 
 
 @overload
-def aunit_of_work(func: None = None, /, using: Using = None) -> AsyncUnitOfWork: ...
+def aunit_of_work(func: None = None, /, *, using: Using = None) -> AsyncUnitOfWork: ...
 
 
-def aunit_of_work(func: Callable[..., Any] | None = None, /, using: Using = None) -> Any:
+def aunit_of_work(func: Callable[..., Any] | None = None, /, *, using: Using = None) -> Any:
     """Run an async block or a coroutine function as a unit of work.
 
     ``async with aunit_of_work():``, ``@aunit_of_work`` and ``@aunit_of_work(using="default")``
@@ -98,7 +116,7 @@ def aunit_of_work(func: Callable[..., Any] | None = None, /, using: Using = None
     return AsyncUnitOfWork(using)
 
 
-async def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> AsyncIterator[T]:
+def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> AsyncIterator[T]:
     """Yield each item of an async (or plain) iterable inside its own async unit of work.
 
     As with ``each``, the unit begins after the item arrived (time awaiting it counts as idle)
@@ -107,6 +125,12 @@ async def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> A
     immediate.
     """
     unit = AsyncUnitOfWork(using)
+    if not isinstance(items, (AsyncIterable, Iterable)) or isinstance(items, (str, bytes)):
+        raise TypeError(f"aeach() takes an async or plain iterable of messages, got {type(items).__name__}")
+    return _aeach(items, unit)
+
+
+async def _aeach(items: AsyncIterable[T] | Iterable[T], unit: AsyncUnitOfWork) -> AsyncIterator[T]:
     if isinstance(items, AsyncIterable):
         async for item in items:
             async with unit:

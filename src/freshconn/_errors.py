@@ -1,4 +1,4 @@
-"""Classifying database errors: does this error mean the connection is gone?
+"""Classifying database errors: does this error mean the connection is gone? Did it strike a COMMIT?
 
 Codes and SQLSTATEs come first, then driver flags; message text is consulted only for the
 client-side libpq/psycopg errors that carry no code at all. Classes are matched by name and
@@ -8,13 +8,27 @@ error classes twice.
 
 from __future__ import annotations
 
-from types import TracebackType
+from collections.abc import Iterator
 from typing import Any
 
+from django.db import Error as DjangoDatabaseError
 from django.db import OperationalError
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-__all__ = ["AmbiguousCommitError", "commit_in_flight", "failed_alias", "is_disconnect", "is_unsent"]
+from . import _django
+
+__all__ = [
+    "AmbiguousCommitError",
+    "ReconnectStopped",
+    "chain",
+    "commit_alias",
+    "error_code",
+    "failed_alias",
+    "interrupted_alias",
+    "is_database_error",
+    "is_disconnect",
+    "is_unsent",
+]
 
 # MySQL / MariaDB client (2xxx) and server error codes that mean the session is gone.
 MYSQL_DISCONNECT_CODES = frozenset(
@@ -70,13 +84,33 @@ _PG_CLIENT_MESSAGES = (
 
 _MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql")
 _PG_MODULES = ("psycopg", "psycopg2", "psycopg_pool")
+_CHAIN_LIMIT = 16
 
 
 class AmbiguousCommitError(OperationalError):
     """The connection was lost while COMMIT was in flight: the transaction may or may not be applied.
 
-    Verify the outcome before doing the work again. The driver's error is chained as ``__cause__``.
+    Raised from the error that ended the unit (its ``__cause__``). ``alias`` names the database;
+    ``backend_id`` is the server's id of the lost session (MySQL thread id, PostgreSQL backend
+    PID) when known. The server may still complete that COMMIT after the client saw the error:
+    ``wait_until_settled()`` returns once the old session is gone, after which reading the outcome
+    is meaningful. A unique idempotency key is the only protection that needs no such wait.
     """
+
+    alias: str = "default"
+    backend_id: int | None = None
+
+    def wait_until_settled(self, timeout: float = 30.0) -> bool:
+        """Wait until the server no longer has the lost session; False if unknown or still there at ``timeout``."""
+        from ._sessions import wait_session_gone
+
+        if self.backend_id is None:
+            return False
+        return wait_session_gone(self.alias, self.backend_id, timeout)
+
+
+class ReconnectStopped(OperationalError):
+    """A stop signal arrived while a unit waited for its database to come back (never retried)."""
 
 
 def _module_root(exc: BaseException) -> str:
@@ -109,33 +143,55 @@ def _pg_gone(exc: BaseException) -> bool:
     return any(m in text for m in _PG_CLIENT_MESSAGES)
 
 
-def is_disconnect(exc: BaseException | None) -> bool:
+def _gone(exc: BaseException) -> bool:
+    if isinstance(exc, (AmbiguousCommitError, ReconnectStopped)):
+        return True
+    root = _module_root(exc)
+    if root in _MYSQL_MODULES:
+        return _mysql_gone(exc)
+    return root in _PG_MODULES and _pg_gone(exc)
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    seen = 0
+    while exc is not None and seen < _CHAIN_LIMIT:
+        yield exc
+        exc = exc.__cause__
+        seen += 1
+
+
+def is_disconnect(exc: object) -> bool:
     """True when ``exc`` means the database connection is gone and must be discarded.
 
     Works for mysqlclient, PyMySQL, psycopg 3 and psycopg2 errors, raw or wrapped by Django
-    (Django chains the driver's error as ``__cause__``, which is followed).
+    (Django chains the driver's error as ``__cause__``, which is followed). Anything that is not
+    an exception is simply not a disconnect.
     """
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, AmbiguousCommitError):
-            return True
-        root = _module_root(exc)
-        if root in _MYSQL_MODULES:
-            if _mysql_gone(exc):
-                return True
-        elif root in _PG_MODULES and _pg_gone(exc):
-            return True
-        exc = exc.__cause__
-        seen += 1
-    return False
+    if not isinstance(exc, BaseException):
+        return False
+    return any(_gone(e) for e in _causes(exc))
 
 
-def _chain(exc: BaseException | None) -> list[BaseException]:
+def chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and every exception it was raised from or while handling (``__cause__`` and ``__context__``)."""
     out: list[BaseException] = []
-    while exc is not None and len(out) < 8:
-        out.append(exc)
-        exc = exc.__cause__
+    seen: set[int] = set()
+    todo = [exc] if exc is not None else []
+    while todo and len(out) < _CHAIN_LIMIT:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
     return out
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """A Django database error or a driver's own (DB-API) error, as opposed to an interruption or a bug."""
+    if isinstance(exc, DjangoDatabaseError):
+        return True
+    return _module_root(exc) in _MYSQL_MODULES + _PG_MODULES
 
 
 def is_unsent(exc: BaseException) -> bool:
@@ -145,7 +201,7 @@ def is_unsent(exc: BaseException) -> bool:
     driver that already knows its connection is closed refuses before sending anything. A 2013
     ("lost during query") or an unexpected EOF after sending may have let the statement run.
     """
-    for e in _chain(exc):
+    for e in _causes(exc):
         root = _module_root(e)
         if root in _MYSQL_MODULES:
             code = e.args[0] if e.args else None
@@ -158,45 +214,88 @@ def is_unsent(exc: BaseException) -> bool:
     return False
 
 
-_COMMIT_CODES = frozenset({BaseDatabaseWrapper.commit.__code__, BaseDatabaseWrapper._commit.__code__})  # type: ignore[attr-defined]
-
-
-def _frames(tb: TracebackType | None) -> list[Any]:
-    frames = []
+def _frames(exc: BaseException) -> Iterator[Any]:
+    tb = exc.__traceback__
     while tb is not None:
-        frames.append(tb.tb_frame)
+        yield tb.tb_frame
         tb = tb.tb_next
-    return frames
 
 
-def commit_in_flight(exc: BaseException) -> str | None:
-    """The alias whose COMMIT was interrupted by ``exc``, or None when it did not strike during COMMIT.
+def commit_alias(exc: BaseException | None) -> str | None:
+    """The alias whose COMMIT a disconnect interrupted, found anywhere in ``exc``'s chain, or None.
 
-    Read from the traceback: the error passed through Django's ``commit()`` of that wrapper.
-    Error path only, so the cost is irrelevant, and no Django method needs patching.
+    An error raised inside Django's ``_commit`` carries that frame in its traceback. Django's
+    ``Atomic.__exit__`` may then reconnect in its ``finally`` and fail, raising a new error while
+    handling the COMMIT's one: that is why ``__context__`` is followed as well as ``__cause__``.
+    A COMMIT refused before it was sent (the driver already knew the connection was closed) is
+    not ambiguous. Error path only: the cost of walking frames is irrelevant.
     """
-    for e in _chain(exc):
-        for frame in _frames(e.__traceback__):
-            code = frame.f_code
-            if code in _COMMIT_CODES or (code.co_name == "_commit" and "self" in frame.f_locals):
-                wrapper = frame.f_locals.get("self")
-                if isinstance(wrapper, BaseDatabaseWrapper):
-                    return wrapper.alias
+    for e in chain(exc):
+        for frame in _frames(e):
+            alias = _django.commit_frame_alias(frame)
+            if alias is not None:
+                if is_disconnect(e) and not is_unsent(e):
+                    return alias
+                break
     return None
 
 
-def failed_alias(exc: BaseException) -> str | None:
-    """The alias of the innermost Django wrapper or cursor the error passed through, if any."""
-    alias: str | None = None
-    for e in _chain(exc):
-        for frame in _frames(e.__traceback__):
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, BaseDatabaseWrapper):
-                alias = obj.alias
-            else:
-                db = getattr(obj, "db", None)
-                if isinstance(db, BaseDatabaseWrapper):
-                    alias = db.alias
+def _frame_alias(frame: Any) -> str | None:
+    obj = frame.f_locals.get("self")
+    if isinstance(obj, BaseDatabaseWrapper):
+        return str(obj.alias)
+    db = getattr(obj, "db", None)
+    return str(db.alias) if isinstance(db, BaseDatabaseWrapper) else None
+
+
+def failed_alias(exc: BaseException | None) -> str | None:
+    """The alias of the innermost Django wrapper or cursor a disconnect in ``exc``'s chain passed through."""
+    for e in chain(exc):
+        if not is_disconnect(e):
+            continue
+        alias: str | None = None
+        for frame in _frames(e):
+            alias = _frame_alias(frame) or alias
         if alias is not None:
             return alias
+    return None
+
+
+def interrupted_alias(exc: BaseException | None) -> str | None:
+    """The alias of a Django cursor that ``exc`` interrupted, when ``exc`` is not a database error.
+
+    A signal handler that raises (a task time limit, ``SIGALRM``), ``KeyboardInterrupt`` or a
+    cancellation can strike while a result is being read: the connection is then half-read and
+    must not be reused. Database errors are Django's business (``errors_occurred``).
+    """
+    if exc is None or is_database_error(exc) or isinstance(exc, GeneratorExit):
+        return None
+    alias: str | None = None
+    for frame in _frames(exc):
+        obj = frame.f_locals.get("self")
+        db = getattr(obj, "db", None)
+        if isinstance(db, BaseDatabaseWrapper):  # Django's CursorWrapper keeps its wrapper as .db
+            alias = str(db.alias)
     return alias
+
+
+def error_code(exc: BaseException | None) -> str:
+    """A short, secret-free label of a database error: "MySQL error 2002", "SQLSTATE 08006", or its kind."""
+    for e in _causes(exc):
+        root = _module_root(e)
+        if root in _MYSQL_MODULES and e.args and isinstance(e.args[0], int):
+            return f"MySQL error {e.args[0]}"
+        if root in _PG_MODULES:
+            sqlstate = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+            if sqlstate:
+                return f"SQLSTATE {sqlstate}"
+            text = str(e).lower()
+            for needle, label in (
+                ("connection refused", "connection refused"),
+                ("timeout", "connection timed out"),
+                ("could not translate host name", "unknown host"),
+            ):
+                if needle in text:
+                    return label
+            return "connection failed"
+    return "connection failed"

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PING", "deadline_for", "effective_idle_limit", "start_verdict"]
+__all__ = [
+    "PING",
+    "check_at",
+    "deadline_for",
+    "effective_idle_limit",
+    "idle_window",
+    "reconnect_pause",
+    "retry_verdict",
+    "start_verdict",
+]
 
 #: Verdict meaning "send one liveness round trip before reuse".
 PING = "ping"
@@ -44,6 +53,22 @@ def effective_idle_limit(server_limit: float | None) -> float | None:
     return server_limit - margin
 
 
+def idle_window(idle_limit: float | None, check_after_idle: float) -> float:
+    """How long a connection may sit idle and still be reused with no check at all."""
+    return check_after_idle if idle_limit is None else min(check_after_idle, idle_limit)
+
+
+def check_at(deadline: float, last_used: float, window: float) -> float:
+    """The moment from which a connection needs ``start_verdict``; before it, reuse it as it is.
+
+    The start-of-unit fast path compares the clock with this one number, computed when the
+    connection was last used: ``now < check_at(...)`` exactly when ``start_verdict`` (with nothing
+    suspect) returns None. tests/test_pure.py checks that the two agree.
+    """
+    until = last_used + window
+    return until if until < deadline else deadline
+
+
 def start_verdict(
     now: float,
     deadline: float,
@@ -68,12 +93,37 @@ def start_verdict(
     return None
 
 
-#: Retry verdicts: why a retry is safe, or why it is refused.
-SAFE_IDEMPOTENT = "the caller declared the unit idempotent"
-SAFE_NOTHING_APPLIED = "nothing the failed attempt did can have been applied"
-UNSAFE_COMMIT = "the connection was lost while COMMIT was in flight"
-UNSAFE_APPLIED = "a write had already been applied (autocommit or a committed transaction)"
-UNSAFE_IN_FLIGHT = "a write in autocommit was in flight and may have been applied"
+#: Pauses between connection attempts while a server is unreachable (seconds), before jitter.
+#: The cap keeps "back within ~1 s of the server listening again"; one prober per alias and
+#: process makes these attempts (the other threads wait for its result), so a fleet of threads
+#: does not storm a restarting server.
+RECONNECT_FIRST_PAUSE = 0.1
+RECONNECT_MAX_PAUSE = 1.0
+
+
+def reconnect_pause(attempt: int, spread: float) -> float:
+    """Pause after failed attempt ``attempt`` (1-based): exponential, capped, jittered to [50 %, 100 %]."""
+    ceiling = min(RECONNECT_MAX_PAUSE, RECONNECT_FIRST_PAUSE * float(2 ** max(0, attempt - 1)))
+    return ceiling * (0.5 + 0.5 * spread)
+
+
+#: Retry verdicts: why a retry is safe, or why it is refused (a token for logs and metrics, and words).
+SAFE_IDEMPOTENT = "idempotent"
+SAFE_NOTHING_APPLIED = "nothing_applied"
+UNSAFE_COMMIT = "commit_in_flight"
+UNSAFE_APPLIED = "write_applied"
+UNSAFE_IN_FLIGHT = "write_in_flight"
+UNSAFE_STOPPING = "stopping"
+
+#: Each verdict token in words, for log messages.
+VERDICT_TEXT = {
+    SAFE_IDEMPOTENT: "the caller declared the unit idempotent",
+    SAFE_NOTHING_APPLIED: "nothing the failed attempt did can have been applied",
+    UNSAFE_COMMIT: "the connection was lost while COMMIT was in flight",
+    UNSAFE_APPLIED: "a write had already been applied (autocommit or a committed transaction)",
+    UNSAFE_IN_FLIGHT: "a write in autocommit was in flight and may have been applied",
+    UNSAFE_STOPPING: "a stop signal arrived while waiting for the database",
+}
 
 
 def retry_verdict(

@@ -1,144 +1,119 @@
 """Retrying a whole unit of work after a disconnect, only when no write can be applied twice.
 
-While an attempt runs, a Django execute wrapper on every alias in scope watches each statement:
-a write completed in autocommit is applied; a write inside a transaction is applied only once that
-transaction commits (seen through a robust ``on_commit`` callback, Django's own signal that the
-COMMIT succeeded); a write in autocommit that fails without proof it was never sent may have been
-applied. Statements sent through raw driver cursors bypass Django's wrappers and are not seen.
+While an attempt runs, freshconn's statement hook (a Django execute wrapper on every managed
+connection) watches each statement: a write completed in autocommit is applied; a write inside a
+transaction is applied only once that transaction commits (seen through a robust ``on_commit``
+callback, Django's own signal that the COMMIT succeeded); a write in autocommit that fails without
+proof it was never sent may have been applied; a COMMIT lost in flight (seen in the error's chain,
+or recorded by the hook) is ambiguous and never retried. Statements sent through raw driver
+cursors bypass Django's wrappers and are not seen.
+
+Before each retry the unit's start steps reopen, patiently, the connection the failure took: a
+retry waits for a restarting server (up to RECONNECT_TIMEOUT) instead of burning its attempts.
+A retrying function called inside another unit (``each()``) retries too, as its own attempt,
+unless the caller has a transaction open, which it cannot restart: it then runs once, with a
+warning and the ``not_retried_in_transaction`` counter.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import re
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from django.db import connections
-
-from . import _lifecycle, _policy, _reconnect, _stats
-from ._errors import AmbiguousCommitError, commit_in_flight, failed_alias, is_disconnect, is_unsent
+from . import _policy, _stats, conf
+from ._aliases import Scope
+from ._errors import AmbiguousCommitError, ReconnectStopped, failed_alias, is_disconnect
+from ._state import notify
+from ._units import _open, close, in_transaction, in_unit
 from .signals import unit_retried
 
 logger = logging.getLogger("freshconn")
 
-READ, WRITE, COMMIT, NEUTRAL = "read", "write", "commit", "neutral"
-
-_FIRST_WORD = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*|\(\s*)*([A-Za-z]+)", re.S)
-_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE|REPLACE)\b", re.I)
-_INTO = re.compile(r"\bINTO\b", re.I)
-_ANALYZE = re.compile(r"\bANALY[SZ]E\b", re.I)
-_READ_WORDS = frozenset({"SELECT", "SHOW", "EXPLAIN", "DESCRIBE", "DESC", "VALUES", "TABLE"})
-_NEUTRAL_WORDS = frozenset({"BEGIN", "START", "SAVEPOINT", "RELEASE", "ROLLBACK", "SET", "USE"})
+R = TypeVar("R")
+_warned_in_transaction = False
 
 
-def classify(sql: str) -> str:
-    """READ, WRITE, COMMIT or NEUTRAL for one SQL statement; anything unrecognised is a WRITE."""
-    m = _FIRST_WORD.match(sql)
-    word = m.group(1).upper() if m else ""
-    if word in ("SELECT", "VALUES", "TABLE"):
-        # SELECT ... INTO creates a table (PostgreSQL) or writes a file or variables (MySQL).
-        kind = WRITE if _INTO.search(sql) else READ
-    elif word in ("WITH", "EXPLAIN"):
-        # A PostgreSQL CTE may hide data-modifying statements; EXPLAIN ANALYZE runs its statement.
-        kind = WRITE if _DML.search(sql) and (word == "WITH" or _ANALYZE.search(sql)) else READ
-    elif word in _READ_WORDS:
-        kind = READ
-    elif word in ("COMMIT", "END"):
-        kind = COMMIT
-    elif word in _NEUTRAL_WORDS:
-        kind = NEUTRAL
-    else:
-        kind = WRITE
-    return kind
+def _name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__qualname__", repr(func))
 
 
-class Tracker:
-    """What one attempt of a unit did, across all its aliases (one tracker per attempt)."""
+def _first_alias(scope: Scope) -> str:
+    return sorted(scope)[0] if scope else "default"
 
-    def __init__(self) -> None:
-        self.applied = False
-        self.write_in_flight = False
-        self.commit_in_flight = False
 
-    def _committed(self) -> None:
-        self.applied = True
+def _once_in_transaction(func: Callable[..., Any], scope: Scope, exc: BaseException) -> None:
+    global _warned_in_transaction
+    alias = failed_alias(exc) or _first_alias(scope)
+    _stats.bump(alias, "not_retried_in_transaction")
+    if not _warned_in_transaction:
+        _warned_in_transaction = True
+        logger.warning(
+            "not retrying %s after a disconnect on %r: it ran inside the caller's transaction, which cannot "
+            "be restarted from here. Call it outside transaction.atomic() for its retries to apply.",
+            _name(func),
+            alias,
+            extra={"alias": alias, "reason": "in_transaction"},
+        )
 
-    def __call__(
-        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]
-    ) -> Any:
-        conn = context["connection"]
-        kind = classify(sql)
-        in_tx = conn.in_atomic_block or not conn.get_autocommit()
-        try:
-            result = execute(sql, params, many, context)
-        except BaseException as exc:
-            if is_disconnect(exc):
-                if kind == COMMIT:
-                    self.commit_in_flight = True
-                elif kind == WRITE and not in_tx and not is_unsent(exc):
-                    self.write_in_flight = True
-            raise
-        if kind == WRITE:
-            if conn.in_atomic_block:
-                # Registered per write: a callback registered inside a savepoint that is later
-                # rolled back is dropped by Django, and later writes must still be seen.
-                conn.on_commit(self._committed, robust=True)
-            elif in_tx:
-                pass  # manual transaction (AUTOCOMMIT=False): applied only by an explicit COMMIT
-            else:
-                self.applied = True
-        elif kind == COMMIT:
-            self.applied = True
-        return result
+
+def _run_once(func: Callable[..., R], args: Any, kwargs: Any, scope: Scope) -> R:
+    handle = _open(scope)
+    try:
+        result = func(*args, **kwargs)
+    except BaseException as exc:
+        close(handle, exc)
+        if isinstance(exc, Exception) and is_disconnect(exc):
+            _once_in_transaction(func, scope, exc)
+        raise
+    close(handle, None)
+    return result
 
 
 def run(
-    func: Callable[..., Any],
+    func: Callable[..., R],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
-    unit: Any,
+    scope: Scope,
     retries: int,
     idempotent: bool,
-) -> Any:
+) -> R:
     """Run ``func`` as a unit, retrying after a disconnect when the verdict says it is safe."""
-    if _lifecycle.in_unit() or _lifecycle.in_transaction(unit.scope):
-        # Nested inside another unit or the caller's transaction: only an outermost unit outside
-        # any transaction can discard its connections and start afresh, so this call runs once.
-        with unit:
-            return func(*args, **kwargs)
+    nested = in_unit()
+    if nested and in_transaction(scope):
+        return _run_once(func, args, kwargs, scope)
     attempt = 0
     while True:
-        tracker = Tracker()
+        # Nested in another unit, each attempt acts on its own (the caller has no transaction open);
+        # the first one skips the start checks the enclosing unit has just run.
+        handle = _open(scope, tracking=True, acting=nested, checks=not (nested and attempt == 0))
+        tracker = handle.tracker
         try:
-            with contextlib.ExitStack() as stack:
-                for alias in unit.scope or connections:
-                    stack.enter_context(connections[alias].execute_wrapper(tracker))
-                with unit:
-                    return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except BaseException as exc:
-            if not is_disconnect(exc) or not isinstance(exc, Exception):
+            try:
+                close(handle, exc)
+            except AmbiguousCommitError as lost:
+                _refuse(func, lost.alias, _policy.UNSAFE_COMMIT)
                 raise
-            alias = commit_in_flight(exc) or failed_alias(exc) or _first_alias(unit.scope)
+            if not isinstance(exc, Exception) or not is_disconnect(exc):
+                raise
+            alias = failed_alias(exc) or _first_alias(scope)
+            if isinstance(exc, ReconnectStopped):
+                _refuse(func, alias, _policy.UNSAFE_STOPPING)
+                raise
+            assert tracker is not None
             ok, why = _policy.retry_verdict(
                 idempotent=idempotent,
-                commit_in_flight=tracker.commit_in_flight or isinstance(exc, AmbiguousCommitError),
+                commit_in_flight=tracker.commit_in_flight is not None,
                 applied=tracker.applied,
                 write_in_flight=tracker.write_in_flight,
             )
             if not ok:
-                _stats.bump(alias, "not_retried_unsafe")
-                logger.warning(
-                    "not retrying %s after a disconnect on %r: %s",
-                    _name(func),
-                    alias,
-                    why,
-                    extra={"alias": alias, "reason": why},
-                )
+                _refuse(func, alias, why)
                 raise
             if attempt >= retries:
                 _stats.bump(alias, "retries_exhausted")
@@ -151,16 +126,24 @@ def run(
                 attempt,
                 retries,
                 alias,
-                why,
+                _policy.VERDICT_TEXT[why],
                 extra={"alias": alias, "reason": why},
             )
-            unit_retried.send(sender=func, alias=alias, attempt=attempt, error=exc, reason=why)
-            time.sleep(_reconnect.backoff(attempt, random.random()))
+            notify(unit_retried, sender=func, alias=alias, attempt=attempt, error=exc, reason=why)
+            if (conf._current or conf.get()).reconnect_timeout <= 0:
+                # No patient reconnect configured: at least do not hammer a server that is restarting.
+                time.sleep(_policy.reconnect_pause(attempt, random.random()))
+            continue
+        close(handle, None)
+        return result
 
 
-def _first_alias(scope: frozenset[str] | None) -> str:
-    return sorted(scope)[0] if scope else next(iter(connections), "default")
-
-
-def _name(func: Callable[..., Any]) -> str:
-    return getattr(func, "__qualname__", repr(func))
+def _refuse(func: Callable[..., Any], alias: str, why: str) -> None:
+    _stats.bump(alias, "not_retried_unsafe")
+    logger.warning(
+        "not retrying %s after a disconnect on %r: %s",
+        _name(func),
+        alias,
+        _policy.VERDICT_TEXT[why],
+        extra={"alias": alias, "reason": why},
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import weakref
 
+from ._aliases import server_aliases
+
 __all__ = ["COUNTERS", "bump", "count_unit", "reset_stats", "stats"]
 
 #: Counters every alias reports, even at zero.
@@ -18,10 +20,16 @@ COUNTERS = (
     "discarded_dead",  # found dead before use: driver flag, closed socket, or failed ping
     "discarded_error",  # a disconnect-class error during the unit
     "discarded_autocommit",  # the unit left autocommit in a state Django does not expect
+    "discarded_interrupted",  # an exception (time limit, signal, cancellation) struck while a query was in flight
     "skipped_atomic",  # unit began inside the caller's atomic block: connection left alone
+    "reconnect_waits",  # times a unit waited for its server to come back (restart, failover, outage)
+    "reconnect_attempts",  # connection attempts made while waiting (spread and shared across threads)
     "retries",  # units run again after a disconnect, because that was provably safe
     "not_retried_unsafe",  # disconnects after which a retry was refused: it could apply a write twice
+    "not_retried_in_transaction",  # a retrying function ran inside the caller's transaction: it ran once
     "retries_exhausted",  # disconnects still failing after the last allowed retry
+    "ambiguous_commits",  # COMMITs lost in flight (AmbiguousCommitError raised)
+    "abandoned_units",  # units closed from another thread or left open: ended by their own thread later
 )
 
 # Reentrant: dropping the last reference to an ended thread's counters inside stats() runs their
@@ -48,7 +56,7 @@ class _ThreadCounts:
         """Add this thread's counts to ``total``, without writing to them (their thread may be counting)."""
         _add(total, self.rows)
         for scope, n in list(self.units.items()):
-            for alias in _server_aliases(scope):
+            for alias in server_aliases(scope):
                 row = total.get(alias)
                 if row is None:
                     row = total[alias] = dict.fromkeys(COUNTERS, 0)
@@ -101,12 +109,6 @@ def bump(alias: str, counter: str, n: int = 1) -> None:
 def count_unit(scope: frozenset[str] | None) -> None:
     units = _local.counts.units
     units[scope] = units.get(scope, 0) + 1
-
-
-def _server_aliases(scope: frozenset[str] | None) -> tuple[str, ...]:
-    from ._lifecycle import server_aliases
-
-    return server_aliases(scope)
 
 
 def stats() -> dict[str, dict[str, int]]:

@@ -4,59 +4,49 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
-from . import _lifecycle, _retry
-from ._errors import AmbiguousCommitError, commit_in_flight, is_disconnect
+from . import _aliases, _retry
+from ._aliases import Scope, Using
+from ._units import UnitHandle, _open, close
 
-__all__ = ["UnitOfWork", "each", "unit_of_work"]
+__all__ = ["UnitOfWork", "Using", "each", "unit_of_work"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("freshconn")
+
+P = ParamSpec("P")
+R = TypeVar("R")
 T = TypeVar("T")
 
-Using = str | Sequence[str] | None
 
-
-def _scope(using: Using) -> frozenset[str] | None:
-    if using is None:
-        return None
-    if isinstance(using, str):
-        return frozenset((using,))
-    if not all(isinstance(a, str) for a in using):
-        raise TypeError(f"using must be an alias or a list of aliases, got {using!r}")
-    return frozenset(using)
-
-
-def raise_if_commit_was_lost(exc: BaseException | None) -> None:
-    """At a unit's end: turn a disconnect that struck during COMMIT into AmbiguousCommitError."""
-    if exc is not None and not isinstance(exc, AmbiguousCommitError) and is_disconnect(exc):
-        alias = commit_in_flight(exc)
-        if alias is not None:
-            raise AmbiguousCommitError(
-                f"The connection to database {alias!r} was lost while COMMIT was in flight: the "
-                "transaction may or may not have been applied. Verify the outcome before doing "
-                "the work again."
-            ) from exc
+def _check_options(retries: Any, idempotent: Any) -> None:
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise TypeError(f"unit_of_work(retries=...) takes an int >= 0, got {type(retries).__name__} {retries!r}")
+    if not isinstance(idempotent, bool):
+        raise TypeError(
+            f"unit_of_work(idempotent=...) takes True or False, got {type(idempotent).__name__} {idempotent!r}"
+        )
 
 
 class UnitOfWork:
     """One unit of work: a context manager and a decorator.
 
     The object holds only its configuration, so one instance may be entered by many threads at
-    once and re-entered; the nesting depth is per thread, and only the outermost unit acts.
+    once and re-entered; each entry opens a handle on the entering thread's stack, and only the
+    outermost unit of a thread acts.
     """
 
     __slots__ = ("idempotent", "retries", "scope", "using")
 
     def __init__(self, using: Using = None, *, retries: int = 0, idempotent: bool = False) -> None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        _check_options(retries, idempotent)
         self.using = using
-        self.scope = _scope(using)
+        self.scope: Scope = _aliases.scope_of(using)
         self.retries = retries
-        self.idempotent = bool(idempotent)
+        self.idempotent = idempotent
 
     def __repr__(self) -> str:
         return f"unit_of_work(using={self.using!r}, retries={self.retries}, idempotent={self.idempotent})"
@@ -67,7 +57,8 @@ class UnitOfWork:
                 "unit_of_work(retries=...) needs the decorator form: a with block cannot be run again. "
                 "Move the block into a function decorated with @unit_of_work(retries=N)."
             )
-        _lifecycle.enter(self.scope)
+        _aliases.ensure_known(self.scope)
+        _open(self.scope, owner=self)
         return self
 
     def __exit__(
@@ -76,51 +67,64 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _lifecycle.leave(self.scope, exc)
-        raise_if_commit_was_lost(exc)
+        from ._state import local
 
-    def _single_run(self) -> UnitOfWork:
-        """The same unit without retries: what each attempt of a retrying function enters."""
-        return UnitOfWork(self.using)
+        stack = local().stack
+        # The innermost handle this object opened in this thread (with-blocks nest properly).
+        for handle in reversed(stack):
+            if handle._owner is self:
+                close(handle, exc)
+                return
+        raise RuntimeError("unit_of_work.__exit__ without a matching __enter__ in this thread")
 
-    def __call__(self, func: F) -> F:
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
-                f"unit_of_work cannot wrap the coroutine function {func.__qualname__}: the ORM runs "
-                "in another thread there. Run the database work in a sync function wrapped with "
-                "unit_of_work and call it through asgiref.sync.sync_to_async."
+                f"unit_of_work cannot wrap the coroutine function {func.__qualname__}: use "
+                "freshconn.aunit_of_work for async code (the async ORM runs in another thread)."
             )
+        scope, retries, idempotent = self.scope, self.retries, self.idempotent
 
-        if self.retries:
+        if retries:
 
             @functools.wraps(func)
-            def retrying(*args: Any, **kwargs: Any) -> Any:
-                return _retry.run(
-                    func, args, kwargs, unit=self._single_run(), retries=self.retries, idempotent=self.idempotent
-                )
+            def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
+                return _retry.run(func, args, kwargs, scope=scope, retries=retries, idempotent=idempotent)
 
-            return retrying  # type: ignore[return-value]
+            return retrying
 
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with self:
-                return func(*args, **kwargs)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            _aliases.ensure_known(scope)
+            handle = _open(scope)
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as exc:
+                close(handle, exc)
+                raise
+            close(handle, None)
+            return result
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
 
 @overload
-def unit_of_work(func: F, /) -> F: ...
+def unit_of_work(func: Callable[P, R], /) -> Callable[P, R]: ...
 
 
 @overload
 def unit_of_work(
-    func: None = None, /, using: Using = None, *, retries: int = 0, idempotent: bool = False
+    func: None = None, /, *, using: Using = None, retries: int = 0, idempotent: bool = False
 ) -> UnitOfWork: ...
 
 
 def unit_of_work(
-    func: Callable[..., Any] | None = None, /, using: Using = None, *, retries: int = 0, idempotent: bool = False
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    using: Using = None,
+    retries: int = 0,
+    idempotent: bool = False,
 ) -> Any:
     """Run a block or a function as a unit of work, the way Django runs a request.
 
@@ -138,19 +142,35 @@ def unit_of_work(
     return UnitOfWork(using, retries=retries, idempotent=idempotent)
 
 
+def _close_in_generator(handle: UnitHandle, exc: BaseException | None) -> None:
+    try:
+        close(handle, exc)
+    except RuntimeError as err:
+        # The generator is being finished by a thread other than the one that advanced it (or
+        # garbage-collected there): refused, and its own thread ends the unit at its next one.
+        logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})
+
+
 def each(iterable: Iterable[T], using: Using = None) -> Iterator[T]:
     """Yield each item of ``iterable`` inside its own unit of work.
 
     The unit begins after the item is fetched (time blocked fetching counts as idle time) and
     ends before the next one is fetched, or when the loop breaks, returns or raises.
     """
-    # enter/leave directly rather than through a UnitOfWork: this is the per-message hot path.
-    scope = _scope(using)
-    for item in iterable:
-        _lifecycle.enter(scope)
+    scope = _aliases.scope_of(using, "each(using=...)")
+    if isinstance(iterable, (str, bytes)) or not isinstance(iterable, Iterable):
+        raise TypeError(
+            f"each() takes an iterable of messages (a consumer, a queue, a list), got {type(iterable).__name__}"
+        )
+    return _each(iter(iterable), scope)
+
+
+def _each(items: Iterator[T], scope: Scope) -> Iterator[T]:
+    for item in items:
+        handle = _open(scope)
         try:
             yield item
         except BaseException as exc:
-            _lifecycle.leave(scope, exc)
+            _close_in_generator(handle, exc)
             raise
-        _lifecycle.leave(scope, None)
+        _close_in_generator(handle, None)

@@ -20,8 +20,10 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import connections
 
-from . import conf
-from ._unit import UnitOfWork, Using
+from . import _outage, conf
+from ._aliases import Using
+from ._errors import ReconnectStopped
+from ._unit import UnitOfWork
 
 __all__ = ["WorkerCommand", "policy_summary"]
 
@@ -57,8 +59,11 @@ def policy_summary(using: Using = None) -> str:
     Reads only settings and module names: it opens no connection and prints no credential.
     """
     cfg = conf.get()
-    aliases = [using] if isinstance(using, str) else list(using or connections.settings)
-    parts = [f"CHECK_AFTER_IDLE={cfg.check_after_idle:g}s"]
+    aliases = [using] if isinstance(using, str) else sorted(using) if using is not None else list(connections.settings)
+    parts = [
+        f"CHECK_AFTER_IDLE={cfg.check_after_idle:g}s, RECONNECT_TIMEOUT={cfg.reconnect_timeout:g}s"
+        + (", ADOPT_CLOSE_OLD_CONNECTIONS" if cfg.adopt_close_old_connections else "")
+    ]
     for alias in aliases:
         settings_dict = connections.settings[alias]
         vendor = connections[alias].vendor
@@ -80,8 +85,11 @@ class WorkerCommand(BaseCommand):
     ``freshconn.contrib.kafka.consume(consumer, self.handle_message, stop=self.should_stop)``.
 
     The first SIGTERM or SIGINT lets the unit in progress finish, then ends the loop; the
-    command closes its connections and exits 0. A second signal stops at once (exit 128 + signal).
-    An exception from ``handle_message`` ends the command with that exception.
+    command closes its connections and exits 0. A message that arrives after that signal is never
+    started: it goes to ``message_not_started()`` (override it to hand the message back to its
+    queue). A unit waiting for its database to come back stops waiting at once. A second signal
+    stops at once (exit 128 + signal). An exception from ``handle_message`` ends the command
+    with that exception.
     """
 
     #: The aliases each unit covers (None: every alias in DATABASES).
@@ -99,6 +107,14 @@ class WorkerCommand(BaseCommand):
     def handle_message(self, message: Any) -> None:
         raise NotImplementedError("WorkerCommand subclasses implement handle_message(message)")
 
+    def message_not_started(self, message: Any) -> None:
+        """A message fetched after the stop signal, never started. Override to requeue or nack it."""
+        logger.warning(
+            "stop signal received: a message fetched after it was not started (override "
+            "message_not_started() to hand it back to its queue)",
+            extra={"alias": None, "reason": "stop_signal"},
+        )
+
     def should_stop(self) -> bool:
         """True once a stop signal arrived: loops and blocking sources check it to end early."""
         return self.stop_event.is_set()
@@ -113,8 +129,17 @@ class WorkerCommand(BaseCommand):
                     message = next(source)
                 except StopIteration:
                     break
-                with unit:
-                    self.handle_message(message)
+                if self.should_stop():
+                    # The signal arrived while the source was blocked: never start what it returned.
+                    self.message_not_started(message)
+                    break
+                try:
+                    with unit:
+                        self.handle_message(message)
+                except ReconnectStopped:
+                    # Stopped while waiting for the database: the message was not started.
+                    self.message_not_started(message)
+                    break
             if self.should_stop():
                 logger.info(
                     "stop signal received: the unit in progress finished; stopping",
@@ -133,6 +158,7 @@ class WorkerCommand(BaseCommand):
         logger.info(line, extra={"alias": None, "reason": "policy"})
         if options.get("verbosity", 1) >= 1:
             self.stdout.write(line)
+        _outage.clear_stop()  # a stop requested by an earlier command in this process is not ours
         previous = self._install_signal_handlers()
         try:
             self.run()
@@ -148,6 +174,8 @@ class WorkerCommand(BaseCommand):
         if self.stop_event.is_set():
             raise SystemExit(128 + signum)
         self.stop_event.set()
+        # A unit waiting for its database to come back (in any thread) stops waiting now.
+        _outage.request_stop()
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():

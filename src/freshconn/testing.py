@@ -13,6 +13,7 @@ from typing import Any
 from django.db import connections
 
 from . import _drivers
+from ._sessions import session_exists, side_session
 
 __all__ = ["expire_idle", "kill_connection"]
 
@@ -31,34 +32,9 @@ def _victim(alias: str) -> tuple[Any, _drivers.Driver, int]:
     return raw, driver, backend
 
 
-def _admin(alias: str) -> Any:
-    """A second raw session with the alias's settings; it bypasses connection_created, so stats stay true."""
-    wrapper = connections.create_connection(alias)
-    raw = wrapper.get_new_connection(wrapper.get_connection_params())
-    if wrapper.vendor == "mysql":
-        raw.autocommit(True)
-    else:
-        raw.autocommit = True
-    return raw
-
-
-def _exists(admin: Any, vendor: str, backend: int) -> bool:
-    sql = (
-        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s"
-        if vendor == "mysql"
-        else "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = %s"
-    )
-    cursor = admin.cursor()
-    try:
-        cursor.execute(sql, [backend])
-        return bool(cursor.fetchone()[0])
-    finally:
-        cursor.close()
-
-
 def _wait_gone(admin: Any, vendor: str, backend: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _exists(admin, vendor, backend):
+    while session_exists(admin, vendor, backend):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server still shows session {backend} after {timeout:g}s")
         time.sleep(0.02)
@@ -66,20 +42,17 @@ def _wait_gone(admin: Any, vendor: str, backend: int, timeout: float) -> None:
 
 def kill_connection(alias: str = "default", timeout: float = 10.0) -> int:
     """Have the server kill this thread's connection on ``alias``; return the killed session's id."""
-    _, driver, backend = _victim(alias)
-    admin = _admin(alias)
-    try:
+    backend = _victim(alias)[2]
+    with side_session(alias) as (admin, vendor):
         cursor = admin.cursor()
         try:
-            if driver.vendor == "mysql":
+            if vendor == "mysql":
                 cursor.execute(f"KILL {int(backend)}")
             else:
                 cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
         finally:
             cursor.close()
-        _wait_gone(admin, driver.vendor, backend, timeout)
-    finally:
-        admin.close()
+        _wait_gone(admin, vendor, backend, timeout)
     return backend
 
 
@@ -100,9 +73,6 @@ def expire_idle(alias: str = "default", timeout: float = 10.0) -> int:
                 raw.commit()
     finally:
         cursor.close()
-    admin = _admin(alias)
-    try:
-        _wait_gone(admin, driver.vendor, backend, timeout)
-    finally:
-        admin.close()
+    with side_session(alias) as (admin, vendor):
+        _wait_gone(admin, vendor, backend, timeout)
     return backend

@@ -20,8 +20,7 @@ from typing import Any
 
 from apscheduler.executors.pool import BasePoolExecutor
 
-from .._threads import ThreadPoolExecutor
-from .._unit import Using
+from freshconn import ThreadPoolExecutor, Using
 
 __all__ = ["FreshconnThreadPoolExecutor"]
 

@@ -24,10 +24,15 @@ from typing import Any
 from celery import Celery, signals
 from celery.local import Proxy
 
-from .. import _lifecycle
-from .._fork import forget_inherited_connections
-from .._threads import close_thread_connections
-from .._unit import UnitOfWork, Using
+from freshconn import (
+    AmbiguousCommitError,
+    UnitHandle,
+    UnitOfWork,
+    Using,
+    close_thread_connections,
+    forget_inherited_connections,
+)
+from freshconn import open_unit as _open_unit
 
 __all__ = ["install"]
 
@@ -48,9 +53,9 @@ class _Integration:
 
     def __init__(self, app: Celery, using: Using) -> None:
         self.app = app
-        self.scope = UnitOfWork(using).scope
+        self.using = using
         # task_prerun and task_postrun run in the thread that runs the task, one task at a time
-        # per thread: a per-thread count pairs them, and survives a prerun that failed half-way.
+        # per thread: the handle opened at prerun waits here for its postrun.
         self.local = threading.local()
 
     def _ours(self, task: Any) -> bool:
@@ -62,16 +67,25 @@ class _Integration:
         task = task or sender
         if not self._ours(task):
             return
-        _lifecycle.enter(self.scope)
-        self.local.open = getattr(self.local, "open", 0) + 1
+        self.local.handle = _open_unit(self.using)
 
     def on_task_postrun(self, sender: Any = None, task: Any = None, retval: Any = None, **kwargs: Any) -> None:
         task = task or sender
-        if not self._ours(task) or not getattr(self.local, "open", 0):
+        handle: UnitHandle | None = getattr(self.local, "handle", None)
+        if not self._ours(task) or handle is None:
             return
-        self.local.open -= 1
-        # On failure Celery passes the exception as retval: a disconnect error must drop the connection.
-        _lifecycle.leave(self.scope, retval if isinstance(retval, BaseException) else None)
+        self.local.handle = None
+        try:
+            # On failure Celery passes the exception as retval: a disconnect error must drop the connection.
+            handle.close(retval if isinstance(retval, BaseException) else None)
+        except AmbiguousCommitError as lost:
+            # The task has already failed; say plainly that its transaction may have been applied.
+            logger.error(
+                "task %s: %s",
+                getattr(task, "name", task),
+                lost,
+                extra={"alias": lost.alias, "reason": "ambiguous_commit"},
+            )
 
     def on_worker_init(self, sender: Any = None, **kwargs: Any) -> None:
         worker_app = _unwrap(getattr(sender, "app", None))
@@ -104,6 +118,7 @@ def install(app: Celery, *, using: Using = None) -> None:
 
     Call it where the app is created, before the worker starts. Calling it again is harmless.
     """
+    UnitOfWork(using)  # a typo'd alias fails here, at start-up
     app = _unwrap(app)
     if getattr(app, "_freshconn_integration", None) is not None:
         return

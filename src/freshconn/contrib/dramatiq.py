@@ -16,25 +16,34 @@ place of its ``DbConnectionsMiddleware``, which closes connections before and af
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
 from dramatiq.middleware import Middleware
 
-from .. import _lifecycle
-from .._fork import forget_inherited_connections
-from .._threads import close_thread_connections
-from .._unit import UnitOfWork, Using
+from freshconn import (
+    AmbiguousCommitError,
+    UnitHandle,
+    UnitOfWork,
+    Using,
+    close_thread_connections,
+    forget_inherited_connections,
+    open_unit,
+)
 
 __all__ = ["FreshconnMiddleware"]
+
+logger = logging.getLogger("freshconn")
 
 
 class FreshconnMiddleware(Middleware):
     """Each message a unit of work; ``using`` limits the aliases in scope (default: all)."""
 
     def __init__(self, using: Using = None) -> None:
-        self.scope = UnitOfWork(using).scope
-        # Another middleware may raise SkipMessage before ours ran: only leave a unit we entered.
+        UnitOfWork(using)  # a typo'd alias fails here, where the broker is built
+        self.using = using
+        # Another middleware may raise SkipMessage before ours ran: only close a unit we opened.
         self._local = threading.local()
 
     def after_process_boot(self, broker: Any) -> None:
@@ -43,8 +52,7 @@ class FreshconnMiddleware(Middleware):
         forget_inherited_connections()
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        _lifecycle.enter(self.scope)
-        self._local.open = getattr(self._local, "open", 0) + 1
+        self._local.handle = open_unit(self.using)
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
@@ -55,9 +63,15 @@ class FreshconnMiddleware(Middleware):
         self._leave(None)
 
     def _leave(self, exc: BaseException | None) -> None:
-        if getattr(self._local, "open", 0):
-            self._local.open -= 1
-            _lifecycle.leave(self.scope, exc)
+        handle: UnitHandle | None = getattr(self._local, "handle", None)
+        if handle is None:
+            return
+        self._local.handle = None
+        try:
+            handle.close(exc)
+        except AmbiguousCommitError as lost:
+            # The actor already failed: Dramatiq retries it by its own rules. Say it may be applied.
+            logger.error("%s", lost, extra={"alias": lost.alias, "reason": "ambiguous_commit"})
 
     def before_worker_thread_shutdown(self, broker: Any, thread: Any) -> None:
         close_thread_connections()

@@ -25,9 +25,7 @@ import os
 import threading
 from typing import Any
 
-from .._fork import forget_inherited_connections
-from .._threads import close_thread_connections
-from .._unit import UnitOfWork, Using
+from freshconn import UnitOfWork, Using, close_thread_connections, forget_inherited_connections
 
 __all__ = ["install"]
 

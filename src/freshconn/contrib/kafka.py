@@ -29,9 +29,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from .._async import AsyncUnitOfWork
-from .._errors import is_disconnect
-from .._unit import UnitOfWork, Using
+from freshconn import AsyncUnitOfWork, UnitOfWork, Using, is_disconnect
 
 __all__ = ["aconsume", "consume"]
 

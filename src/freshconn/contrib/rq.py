@@ -18,16 +18,16 @@ attribute) limits the aliases in scope, as ``unit_of_work(using=...)`` does.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from rq.worker import SimpleWorker, Worker
 
-from .. import _lifecycle
-from .._fork import forget_inherited_connections
-from .._threads import close_thread_connections
-from .._unit import UnitOfWork, Using
+from freshconn import AmbiguousCommitError, Using, close_thread_connections, forget_inherited_connections, open_unit
 
 __all__ = ["FreshconnSimpleWorker", "FreshconnWorker", "FreshconnWorkerMixin"]
+
+logger = logging.getLogger("freshconn")
 
 
 class FreshconnWorkerMixin:
@@ -42,18 +42,20 @@ class FreshconnWorkerMixin:
         super().main_work_horse(*args, **kwargs)  # type: ignore[misc]
 
     def perform_job(self, *args: Any, **kwargs: Any) -> bool:
-        scope = UnitOfWork(self.freshconn_using).scope
         self._freshconn_exc = None
-        _lifecycle.enter(scope)
+        handle = open_unit(self.freshconn_using)
         try:
             result: bool = super().perform_job(*args, **kwargs)  # type: ignore[misc]
         except BaseException as exc:
-            _lifecycle.leave(scope, exc)
+            handle.close(exc)
             raise
         else:
             # RQ catches the job's exception inside perform_job (handle_exception saw it): pass it
             # on, so that a disconnect error drops the connection it broke.
-            _lifecycle.leave(scope, self._freshconn_exc)
+            try:
+                handle.close(self._freshconn_exc)
+            except AmbiguousCommitError as lost:
+                logger.error("%s", lost, extra={"alias": lost.alias, "reason": "ambiguous_commit"})
         finally:
             self._freshconn_exc = None
             if getattr(self, "_is_horse", False):

@@ -1,0 +1,62 @@
+"""Every Django internal freshconn relies on, named once, with why it is safe to rely on it.
+
+Public API (``connections``, ``connection_created``, execute wrappers, ``on_commit``) is not
+listed; what is here is documented behaviour or long-stable attributes that Django itself uses in
+``close_old_connections()`` and ``Atomic``. tests/test_django_internals.py checks, on every Django
+leg (4.2, 5.2, 6.x), that each still exists and behaves as assumed.
+"""
+
+from __future__ import annotations
+
+from types import FrameType
+from typing import Any
+
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = [
+    "COMMIT_FRAME",
+    "HEALTH_CHECK_DONE",
+    "PER_CONNECTION_STEP",
+    "commit_frame_alias",
+    "initialized_wrappers",
+    "thread_wrapper",
+]
+
+#: ``BaseDatabaseWrapper.health_check_done`` (Django >= 4.1): set True, it spares the next cursor
+#: the CONN_HEALTH_CHECKS ping. freshconn sets it after vouching for a connection itself.
+HEALTH_CHECK_DONE = "health_check_done"
+
+#: ``BaseDatabaseWrapper.close_if_unusable_or_obsolete()``: the per-connection step of
+#: ``django.db.close_old_connections()``, which calls it on every initialized wrapper of the thread.
+#: freshconn shadows it on the instances it manages (never on the class) to make those calls unit
+#: boundaries (FRESHCONN['ADOPT_CLOSE_OLD_CONNECTIONS']) and harmless inside units.
+PER_CONNECTION_STEP = "close_if_unusable_or_obsolete"
+
+#: ``BaseDatabaseWrapper._commit()``: ``commit()`` calls it, and it wraps the driver's ``commit()``
+#: in ``wrap_database_errors``. An error raised during a COMMIT carries a traceback through its
+#: frame, with the wrapper as ``self`` (``commit`` itself is wrapped by ``async_unsafe``).
+COMMIT_FRAME = "_commit"
+
+
+def thread_wrapper(alias: str) -> BaseDatabaseWrapper | None:
+    """This thread's wrapper for ``alias`` if it exists, without creating one.
+
+    ``ConnectionHandler._connections`` is the asgiref ``Local(thread_critical=True)`` holding one
+    wrapper per alias per thread; ``connections.all(initialized_only=True)`` reads it the same way.
+    """
+    found: BaseDatabaseWrapper | None = getattr(connections._connections, alias, None)  # type: ignore[attr-defined]
+    return found
+
+
+def initialized_wrappers() -> list[BaseDatabaseWrapper]:
+    """The wrappers this thread has created (Django >= 4.1's ``initialized_only``), connected or not."""
+    return list(connections.all(initialized_only=True))
+
+
+def commit_frame_alias(frame: FrameType) -> str | None:
+    """The alias when ``frame`` is Django's ``_commit`` of a database wrapper, else None."""
+    if frame.f_code.co_name != COMMIT_FRAME:
+        return None
+    wrapper: Any = frame.f_locals.get("self")
+    return wrapper.alias if isinstance(wrapper, BaseDatabaseWrapper) else None

@@ -1,0 +1,357 @@
+"""What freshconn knows about each open connection, and the per-thread registry that holds it.
+
+One ``ConnState`` per raw connection (replaced on reconnect), found on the Django wrapper. The
+statement hook, one Django execute wrapper per managed wrapper, keeps it current: when the
+connection was last used (so the start-of-unit check compares one number), whether a statement
+was interrupted mid-flight, and, for the unit running in the thread, what its transactions did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import random
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.dispatch import Signal
+
+from . import _django, _drivers, _policy, _stats, conf
+from ._aliases import is_server_vendor
+from ._errors import chain, is_database_error, is_disconnect, is_unsent
+from ._sql import COMMIT, WRITE, classify
+from .signals import connection_discarded
+
+__all__ = ["ConnState", "Tracker", "discard", "local", "notify", "on_connection_created", "state_of"]
+
+logger = logging.getLogger("freshconn")
+
+STATE_ATTR = "_freshconn_state"
+LOST_ATTR = "_freshconn_lost_state"
+_HOOKED_ATTR = "_freshconn_hooked"
+_POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+#: Discards that may mean the server is down or restarting: the next boundary reconnects patiently.
+OUTAGE_REASONS = frozenset({"dead", "error"})
+_monotonic = time.monotonic
+
+
+class ConnState:
+    """One open connection: its driver, lifetime, idle window, last use and transaction bookkeeping."""
+
+    __slots__ = (
+        "__weakref__",
+        "alias",
+        "backend_id",
+        "check_at",
+        "deadline",
+        "driver",
+        "idle_limit",
+        "interrupted",
+        "last_used",
+        "opened_at",
+        "poller",
+        "raw",
+        "spread",
+        "tx_dirty",
+        "tx_lost",
+        "window",
+    )
+
+    def __init__(self, alias: str, driver: _drivers.Driver, raw: Any, now: float) -> None:
+        self.alias = alias
+        self.driver = driver
+        self.raw = raw
+        self.opened_at = self.last_used = now
+        self.spread = random.random()
+        self.deadline = self.check_at = now
+        self.idle_limit: float | None = None
+        self.window = 0.0
+        self.interrupted = False
+        # A write ran inside the current transaction and no COMMIT has confirmed it yet; a statement
+        # of that transaction failed with a disconnect (so the server rolls it back).
+        self.tx_dirty = False
+        self.tx_lost = False
+        try:
+            self.backend_id: int | None = driver.backend_id(raw)
+        except Exception:  # noqa: BLE001 - only AmbiguousCommitError.wait_until_settled needs it
+            self.backend_id = None
+        self.poller: Any = None
+        fd = driver.fileno(raw)
+        if fd is not None:
+            self.poller = select.poll()
+            self.poller.register(fd, _POLL_MASK)
+
+    def configure(self, cfg: conf.Config, settings_dict: dict[str, Any]) -> None:
+        """(Re)compute the lifetime and idle window from the settings (at connect, and when they change)."""
+        self.deadline = _policy.deadline_for(self.opened_at, cfg.max_age_for(settings_dict), self.spread)
+        self.window = _policy.idle_window(self.idle_limit, cfg.check_after_idle)
+        self.check_at = _policy.check_at(self.deadline, self.last_used, self.window)
+
+    def socket_has_news(self) -> bool:
+        """True when the idle socket is readable or hung up: the server spoke (or left) unasked."""
+        return self.poller is not None and bool(self.poller.poll(0))
+
+    def looks_dead(self) -> bool:
+        if self.driver.closed(self.raw):
+            return True
+        return self.driver.vendor == "mysql" and self.socket_has_news()
+
+
+class Tracker:
+    """What one unit (or one attempt of a retrying unit) did, as seen by the statement hook."""
+
+    __slots__ = ("applied", "commit_in_flight", "statement_errors", "tracking", "tx_states", "write_in_flight")
+
+    def __init__(self, tracking: bool) -> None:
+        #: Classify autocommit statements too (retrying units: a completed write forbids a retry).
+        self.tracking = tracking
+        self.applied = False
+        self.write_in_flight = False
+        self.commit_in_flight: str | None = None
+        self.statement_errors: list[BaseException] = []
+        self.tx_states: list[ConnState] = []
+
+    def confirmed(self, state: ConnState) -> None:
+        """Django's on_commit: that transaction is committed, so its writes are applied."""
+        state.tx_dirty = False
+        self.applied = True
+
+    def merge_into(self, parent: Tracker) -> None:
+        """A nested attempt's findings belong to the unit around it too (it must not replay them)."""
+        parent.applied |= self.applied
+        parent.write_in_flight |= self.write_in_flight
+        parent.commit_in_flight = parent.commit_in_flight or self.commit_in_flight
+        parent.statement_errors.extend(self.statement_errors)
+        parent.tx_states.extend(self.tx_states)
+
+    def unresolved_commit(self, exc: BaseException) -> str | None:
+        """The alias of a transaction this unit wrote in and whose COMMIT may have been lost, or None.
+
+        The record, independent of tracebacks: a transaction with writes that neither committed
+        (no on_commit) nor failed at one of its own statements, when the error that ended the unit
+        is a disconnect that struck no statement and no error of the unit's own code preceded it.
+        Django commits only when the block raised nothing, so that error arose at COMMIT (or in
+        the reconnect Django attempts right after a failed one).
+        """
+        if self.commit_in_flight:
+            return self.commit_in_flight
+        errors = chain(exc)
+        if not any(is_disconnect(e) for e in errors):
+            return None
+        if any(not is_database_error(e) or any(e is s for s in self.statement_errors) for e in errors):
+            return None
+        for state in reversed(self.tx_states):
+            if state.tx_dirty and not state.tx_lost:
+                return state.alias
+        return None
+
+
+class _Thread(threading.local):
+    """Per thread: the wrappers it connected, its open units, and what outages took from it.
+
+    Django keeps one wrapper per alias per thread; remembering them here when they connect
+    spares every unit a walk through ``connections`` (an asgiref Local lookup per alias).
+    """
+
+    seeded = False
+    async_open = 0
+    tracker: Tracker | None = None
+
+    def __init__(self) -> None:
+        self.wrappers: dict[str, BaseDatabaseWrapper] = {}
+        self.stack: list[Any] = []  # open UnitHandles, outermost first (freshconn._units)
+        self.needs_reconnect: set[str] = set()
+
+
+_local = _Thread()
+_all_states: weakref.WeakSet[ConnState] = weakref.WeakSet()
+#: Called with each wrapper freshconn starts managing (freshconn._adopt installs its step there).
+on_register: list[Callable[[BaseDatabaseWrapper], None]] = []
+
+
+def local() -> _Thread:
+    return _local
+
+
+def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
+    raw = conn.connection
+    driver = _drivers.for_connection(raw)
+    cfg = conf.get()
+    state = ConnState(conn.alias, driver, raw, _monotonic())
+    if read_limit and cfg.max_age_for(conn.settings_dict) != 0:
+        # A connection closed after every unit never idles: skip the round trip for it.
+        try:
+            state.idle_limit = _policy.effective_idle_limit(driver.idle_limit(raw))
+            if not conn.autocommit:
+                raw.rollback()
+        except Exception as exc:  # noqa: BLE001 - a missing limit only means more pings
+            logger.debug(
+                "could not read the server idle limit for %s: %s",
+                conn.alias,
+                type(exc).__name__,
+                extra={"alias": conn.alias, "reason": "idle_limit_unknown"},
+            )
+    state.configure(cfg, conn.settings_dict)
+    setattr(conn, STATE_ATTR, state)
+    _all_states.add(state)
+    return state
+
+
+def state_of(conn: BaseDatabaseWrapper) -> ConnState:
+    """The state of ``conn``'s open connection (made now if it bypassed connection_created)."""
+    state: ConnState | None = getattr(conn, STATE_ATTR, None)
+    if state is None or state.raw is not conn.connection:
+        register(conn)
+        state = _new_state(conn, read_limit=False)
+    return state
+
+
+def register(conn: BaseDatabaseWrapper) -> None:
+    """Manage ``conn``, this thread's wrapper for its alias: registry, statement hook, adoption step."""
+    _local.wrappers[conn.alias] = conn
+    if not getattr(conn, _HOOKED_ATTR, False):
+        setattr(conn, _HOOKED_ATTR, True)
+        # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
+        # execute_wrapper() context manager, which pops from the end, never removes it.
+        conn.execute_wrappers.insert(0, statement_hook)
+        for hook in on_register:
+            hook(conn)
+
+
+def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    if not is_server_vendor(connection.vendor):
+        return
+    _stats.bump(connection.alias, "connects")
+    if _django.thread_wrapper(connection.alias) is not connection:
+        # A wrapper that is not this thread's own (connections.create_connection(), Django's
+        # PostgreSQL _nodb_cursor fallback): it must never stand in for the thread's connection.
+        return
+    old: ConnState | None = getattr(connection, STATE_ATTR, None)
+    if old is not None and old.raw is not connection.connection:
+        # Kept for AmbiguousCommitError: Django's Atomic.__exit__ reconnects right after a lost COMMIT.
+        setattr(connection, LOST_ATTR, old)
+    register(connection)
+    _new_state(connection, read_limit=True)
+
+
+def seed() -> None:
+    """Connections this thread opened before freshconn was wired never reached our receiver."""
+    _local.seeded = True
+    for conn in _django.initialized_wrappers():
+        if conn.connection is not None and is_server_vendor(conn.vendor):
+            state_of(conn)
+
+
+def reconfigure(**kwargs: Any) -> None:
+    """Settings changed (``setting_changed``): recompute every open connection's lifetime and window."""
+    if kwargs.get("setting") not in (None, "FRESHCONN", "DATABASES"):
+        return
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db import connections
+
+    try:
+        cfg = conf.get()
+    except ImproperlyConfigured:
+        return  # reported where the setting is read (the unit, the system checks)
+    for state in list(_all_states):
+        # Every thread's wrapper for an alias shares the one settings dict of connections.settings.
+        state.configure(cfg, connections.settings.get(state.alias, {}))
+
+
+def _track(conn: BaseDatabaseWrapper, state: ConnState | None, sql: str, tracker: Tracker) -> None:
+    kind = classify(sql)
+    if conn.in_atomic_block:
+        if kind == WRITE and state is not None:
+            if not state.tx_dirty:
+                state.tx_dirty = True
+                tracker.tx_states.append(state)
+            # Registered per write: Django drops a callback registered inside a savepoint that is
+            # later rolled back, and the writes after it must still be seen committed.
+            conn.on_commit(functools.partial(tracker.confirmed, state), robust=True)
+    elif not conn.autocommit:
+        # A manual transaction (AUTOCOMMIT=False): its COMMIT (connection.commit()) passes no
+        # hook, so a write there counts as applied at once, which can only forbid a retry.
+        if kind in (WRITE, COMMIT):
+            tracker.applied = True
+    elif kind in (WRITE, COMMIT):
+        tracker.applied = True
+
+
+def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, tracker: Tracker | None) -> None:
+    state: ConnState | None = getattr(conn, STATE_ATTR, None)
+    if not is_database_error(exc):
+        # An exception raised while the statement was in flight (a time limit, SIGALRM, Ctrl-C): the
+        # reply may be half-read and the next statement would read its rest. Never reuse it.
+        if state is not None:
+            state.interrupted = True
+        conn.errors_occurred = True
+        return
+    if tracker is None:
+        return
+    tracker.statement_errors.append(exc)
+    if not is_disconnect(exc):
+        return
+    kind = classify(sql)
+    if kind == COMMIT:
+        if not is_unsent(exc):
+            tracker.commit_in_flight = tracker.commit_in_flight or conn.alias
+    elif conn.in_atomic_block or not conn.autocommit:
+        if state is not None:
+            state.tx_lost = True  # the session died mid-transaction: the server rolls it back
+    elif kind == WRITE and not is_unsent(exc):
+        tracker.write_in_flight = True
+
+
+def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]) -> Any:
+    """Django execute wrapper on every managed connection: last use, interruptions, the unit's writes."""
+    conn = context["connection"]
+    tracker = _local.tracker
+    try:
+        result = execute(sql, params, many, context)
+    except BaseException as exc:
+        _failed(conn, sql, exc, tracker)
+        raise
+    state: ConnState | None = getattr(conn, STATE_ATTR, None)
+    if state is not None:
+        now = _monotonic()
+        state.last_used = now
+        until = now + state.window
+        state.check_at = until if until < state.deadline else state.deadline
+    if tracker is not None and (tracker.tracking or conn.in_atomic_block):
+        _track(conn, state, sql, tracker)
+    return result
+
+
+def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    """Send a freshconn signal; a receiver that fails is logged and never changes a unit's outcome."""
+    for receiver, result in signal.send_robust(sender=sender, **kwargs):
+        if isinstance(result, Exception):
+            logger.warning(
+                "a receiver of a freshconn signal failed (%s): %s",
+                getattr(receiver, "__qualname__", repr(receiver)),
+                type(result).__name__,
+                extra={"alias": kwargs.get("alias"), "reason": "receiver_failed"},
+            )
+
+
+def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
+    """Close ``conn`` now, whatever state its socket is in, and record why."""
+    # The connection is being thrown away: its close may fail on a dead socket, and that is fine.
+    with contextlib.suppress(Exception):
+        conn.close()
+    if not conn.in_atomic_block:
+        # Django's close() only forgets the driver connection when _close() succeeded.
+        conn.connection = None
+    if reason in OUTAGE_REASONS:
+        _local.needs_reconnect.add(conn.alias)
+    _stats.bump(conn.alias, "discarded")
+    _stats.bump(conn.alias, "discarded_" + reason)
+    level = logging.DEBUG if reason == "max_age" else logging.INFO
+    logger.log(level, "discarded connection %r: %s", conn.alias, reason, extra={"alias": conn.alias, "reason": reason})
+    notify(connection_discarded, sender=type(conn), alias=conn.alias, reason=reason)

@@ -1,0 +1,256 @@
+"""Unit handles: opening and closing units of work, per thread, whatever shape the caller has.
+
+Each open unit is a ``UnitHandle`` on its thread's stack. Only the outermost one acts (checks at
+open, discards at close); nested ones are no-ops, like a request inside a request. A handle
+records its thread: closing it elsewhere (a generator from ``each()`` finished by another thread,
+a framework that sends its "task finished" signal from another thread) is refused with a clear
+error, and the owning thread ends it itself at its next unit, so no thread's state is corrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from . import _aliases, _lifecycle, _stats
+from ._aliases import Scope, Using
+from ._errors import AmbiguousCommitError, commit_alias
+from ._state import LOST_ATTR, STATE_ATTR, ConnState, Tracker, local
+
+__all__ = ["UnitHandle", "close", "in_transaction", "in_unit", "open_unit"]
+
+logger = logging.getLogger("freshconn")
+_get_ident = threading.get_ident
+
+
+class UnitHandle:
+    """An open unit of work (``freshconn.open_unit()``). Close it once, in the thread that opened it.
+
+    ``close(exc)`` ends the unit: pass the exception the unit's work raised, if any, so that a
+    connection it broke is discarded at once. It raises ``AmbiguousCommitError`` (chained from
+    ``exc``) when that exception means a COMMIT was lost in flight.
+    """
+
+    __slots__ = ("_owner", "_parent", "_thread", "abandoned", "acting", "closed", "scope", "tracker")
+
+    def __init__(self, scope: Scope, owner: Any, acting: bool) -> None:
+        self.scope = scope
+        self._owner = owner
+        self._thread = _get_ident()
+        self.acting = acting
+        self.closed = False
+        self.abandoned = False
+        self.tracker: Tracker | None = None
+        self._parent: Tracker | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        kind = "outermost" if self.acting else "nested"
+        return f"<UnitHandle {kind} {state} using={sorted(self.scope) if self.scope else 'all'}>"
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """End the unit (see the class docstring)."""
+        close(self, exc)
+
+
+_wired = False
+
+
+def _ensure_wired() -> None:
+    global _wired
+    from . import _wiring
+
+    _wiring.wire()
+    _wired = True
+
+
+def _open(
+    scope: Scope, owner: Any = None, *, tracking: bool = False, acting: bool = False, checks: bool = True
+) -> UnitHandle:
+    """Open a unit. ``acting`` forces an acting unit inside another (one attempt of a nested retrying function)."""
+    thread = local()
+    stack = thread.stack
+    if stack and stack[-1].abandoned:
+        _repair()
+    if (stack or thread.async_open) and not acting:
+        handle = UnitHandle(scope, owner, acting=False)
+        stack.append(handle)
+        return handle
+    if not _wired:
+        _ensure_wired()
+    handle = UnitHandle(scope, owner, acting=True)
+    handle.tracker = Tracker(tracking)
+    handle._parent = thread.tracker
+    stack.append(handle)
+    thread.tracker = handle.tracker
+    try:
+        if checks:
+            _lifecycle.begin(scope, count=len(stack) == 1 and not thread.async_open)
+    except BaseException:
+        stack.pop()
+        thread.tracker = handle._parent
+        handle.closed = True
+        raise
+    return handle
+
+
+def open_unit(using: Using = None) -> UnitHandle:
+    """Open a unit of work in this thread and return its handle; ``handle.close(exc)`` ends it.
+
+    For framework adapters whose "task started" and "task finished" are two callbacks (signals,
+    middleware hooks). Everything ``unit_of_work`` does, it does: checks now, discards at close.
+    """
+    scope = _aliases.scope_of(using, "open_unit(using=...)")
+    return _open(scope)
+
+
+def close(handle: UnitHandle, exc: BaseException | None) -> None:
+    if handle._thread != _get_ident():
+        if not handle.closed and not handle.abandoned:
+            handle.abandoned = True
+            _stats.bump(_first(handle.scope), "abandoned_units")
+        raise RuntimeError(
+            f"a unit of work opened in thread {handle._thread} was closed from thread {_get_ident()}: "
+            "refused (a connection belongs to the thread that opened it); that thread ends the unit "
+            "at its next one. Close units in the thread that opened them."
+        )
+    stack = local().stack
+    if handle.closed or handle not in stack:
+        raise RuntimeError("this unit of work is already closed")
+    while stack[-1] is not handle:
+        # Opened after this one and never closed (a generator from each() left unfinished).
+        _finish(stack.pop(), None, quiet=True)
+    stack.pop()
+    _finish(handle, exc)
+
+
+def _finish(handle: UnitHandle, exc: BaseException | None, *, quiet: bool = False) -> None:
+    handle.closed = True
+    if not handle.acting:
+        return
+    thread = local()
+    thread.tracker = handle._parent
+    tracker = handle.tracker
+    try:
+        _lifecycle.end(handle.scope, exc)
+    finally:
+        if handle._parent is not None and tracker is not None:
+            tracker.merge_into(handle._parent)
+    if exc is None or quiet:
+        return
+    lost = _ambiguous(exc, tracker)
+    if lost is not None:
+        raise lost from exc
+
+
+def _repair() -> None:
+    """End, in their own thread, the units another thread tried to close (they are on top of the stack)."""
+    stack = local().stack
+    while stack and stack[-1].abandoned:
+        handle = stack.pop()
+        logger.warning(
+            "ending a unit of work that another thread tried to close",
+            extra={"alias": _first(handle.scope), "reason": "abandoned_unit"},
+        )
+        _finish(handle, None, quiet=True)
+
+
+def _first(scope: Scope) -> str:
+    return sorted(scope)[0] if scope else "default"
+
+
+def in_unit() -> bool:
+    """True when a unit of work is running in this thread (sync, or async units in their executor thread)."""
+    thread = local()
+    if thread.stack and thread.stack[-1].abandoned:
+        _repair()
+    return bool(thread.stack) or thread.async_open > 0
+
+
+def in_transaction(scope: Scope) -> bool:
+    """True when an open connection in scope is inside a transaction (atomic or manual) in this thread."""
+    for alias, conn in local().wrappers.items():
+        if (scope is None or alias in scope) and conn.connection is not None and not conn.get_autocommit():
+            return True
+    return False
+
+
+def _lost_session(alias: str, tracker: Tracker | None) -> int | None:
+    """The server-side id of the session whose COMMIT was lost, when freshconn knows it."""
+    if tracker is not None:
+        for state in reversed(tracker.tx_states):
+            if state.alias == alias:
+                return state.backend_id
+    conn = local().wrappers.get(alias)
+    if conn is None:
+        return None
+    current: ConnState | None = getattr(conn, STATE_ATTR, None)
+    if current is not None and current.raw is not conn.connection:
+        return current.backend_id  # discarded, not reopened yet: this state is the lost one
+    lost: ConnState | None = getattr(conn, LOST_ATTR, None)
+    return lost.backend_id if lost is not None else None
+
+
+def _ambiguous(exc: BaseException, tracker: Tracker | None) -> AmbiguousCommitError | None:
+    """The AmbiguousCommitError to raise instead of ``exc``, when ``exc`` means a COMMIT was lost in flight."""
+    if isinstance(exc, AmbiguousCommitError):
+        return None
+    alias = commit_alias(exc)
+    if alias is None and tracker is not None:
+        alias = tracker.unresolved_commit(exc)
+    if alias is None:
+        return None
+    err = AmbiguousCommitError(
+        f"The connection to database {alias!r} was lost while COMMIT was in flight: the transaction may "
+        "or may not have been applied, and the server may still apply it after this error. Do not run "
+        "the work again blindly: make it idempotent (a unique key), or call wait_until_settled() on this "
+        "error before reading the outcome."
+    )
+    err.alias = alias
+    err.backend_id = _lost_session(alias, tracker)
+    _stats.bump(alias, "ambiguous_commits")
+    return err
+
+
+def open_async(scope: Scope) -> UnitHandle:
+    """Open an async unit, in the thread that owns the async ORM's connections (see freshconn._async).
+
+    Concurrent async units share that thread's connections, so they do not nest into one: each
+    checks at its start and ends on its own, and a disconnect in any of them discards the
+    connection at once (unless a transaction is open on it). Inside a sync unit of that thread
+    (``async_to_sync`` called within a unit), an async unit is a no-op.
+    """
+    thread = local()
+    if thread.stack:
+        return UnitHandle(scope, None, acting=False)
+    if not _wired:
+        _ensure_wired()
+    handle = UnitHandle(scope, None, acting=True)
+    thread.async_open += 1
+    try:
+        _lifecycle.begin(scope)
+    except BaseException:
+        thread.async_open -= 1
+        handle.closed = True
+        raise
+    return handle
+
+
+def close_async(handle: UnitHandle, exc: BaseException | None) -> None:
+    if handle.closed:
+        raise RuntimeError("this unit of work is already closed")
+    if handle._thread != _get_ident():
+        raise RuntimeError(
+            f"an async unit of work began in thread {handle._thread} and ended in thread {_get_ident()}: "
+            "the async ORM's connections moved threads (a thread_sensitive=False executor?)"
+        )
+    handle.closed = True
+    if not handle.acting:
+        return
+    local().async_open -= 1
+    _lifecycle.end(handle.scope, exc)
+    if exc is not None:
+        lost = _ambiguous(exc, None)
+        if lost is not None:
+            raise lost from exc

@@ -1,0 +1,158 @@
+"""What a new user gets with only "freshconn" in INSTALLED_APPS and Django's default CONN_MAX_AGE=0.
+
+No FRESHCONN setting anywhere in this module: every behaviour here is the product's default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import pytest
+from django.conf import settings
+from django.db import OperationalError, connection, transaction
+
+import freshconn
+from freshconn.testing import kill_connection
+from tests.app.models import Order
+from tests.conftest import counters
+
+pytestmark = [pytest.mark.server]
+
+
+@pytest.fixture
+def django_defaults(dbconf: Callable[..., None]) -> None:
+    """The default alias exactly as Django's defaults leave it: CONN_MAX_AGE=0, no OPTIONS."""
+    assert not hasattr(settings, "FRESHCONN")
+    dbconf(CONN_MAX_AGE=0, OPTIONS={}, CONN_HEALTH_CHECKS=False)
+
+
+def up_later(server, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, server.up)
+    timer.start()
+    return timer
+
+
+def test_busy_units_make_one_connect_and_no_ping(django_defaults):
+    """1,000 busy units on Django's CONN_MAX_AGE=0 reuse one connection with zero pings."""
+    pk = Order.objects.create(ref="busy", qty=1).pk
+    connection.close()
+    freshconn.reset_stats()
+    for _ in range(1000):
+        with freshconn.unit_of_work():
+            assert Order.objects.get(pk=pk).qty == 1
+    c = counters()
+    assert c["connects"] == 1
+    assert c["pings"] == 0
+    assert c["units"] == 1000
+
+
+def test_code_outside_units_keeps_djangos_own_lifecycle(django_defaults):
+    """Outside units Django's CONN_MAX_AGE=0 still applies: close_old_connections() closes the connection."""
+    from django.db import close_old_connections
+
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    assert connection.connection is not None
+    close_old_connections()
+    assert connection.connection is None
+
+
+@pytest.mark.slow
+def test_server_restart_between_units_next_unit_waits_and_succeeds(django_defaults, server):
+    """A server that is down when the next unit starts is waited for; the unit then succeeds."""
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    server.down()
+    timer = up_later(server, 2.0)
+    try:
+        with freshconn.unit_of_work():
+            assert Order.objects.count() == 0
+    finally:
+        timer.join()
+    c = counters()
+    assert c["discarded_dead"] == 1
+    assert c["reconnect_waits"] == 1
+    assert c["reconnect_attempts"] >= 2
+
+
+@pytest.mark.slow
+def test_outage_inside_atomic_next_unit_waits_and_succeeds(django_defaults, server):
+    """When the server goes away inside atomic() (Django closes the connection itself), the next unit waits for it."""
+    with pytest.raises(OperationalError) as err, freshconn.unit_of_work(), transaction.atomic():
+        Order.objects.create(ref="lost-in-tx")
+        server.down()
+        Order.objects.create(ref="never")
+    assert freshconn.is_disconnect(err.value)
+    timer = up_later(server, 2.0)
+    try:
+        with freshconn.unit_of_work():
+            assert Order.objects.count() == 0  # the transaction died with its session
+    finally:
+        timer.join()
+    assert counters()["reconnect_waits"] == 1
+
+
+@pytest.mark.slow
+def test_retries_ride_an_outage_instead_of_burning_their_attempts(django_defaults, server):
+    """A retrying unit whose server went down waits for it before its retry, and succeeds on the second attempt."""
+    calls: list[int] = []
+    timers: list[threading.Timer] = []
+
+    @freshconn.unit_of_work(retries=2)
+    def work() -> int:
+        calls.append(1)
+        n = Order.objects.count()
+        if len(calls) == 1:
+            server.down()
+            timers.append(up_later(server, 2.0))
+            Order.objects.count()
+        return n
+
+    try:
+        assert work() == 0
+    finally:
+        for t in timers:
+            t.join()
+    assert len(calls) == 2
+    c = counters()
+    assert c["retries"] == 1
+    assert c["retries_exhausted"] == 0
+    assert c["reconnect_waits"] == 1
+
+
+@pytest.mark.slow
+def test_an_outage_logs_one_warning_and_one_info_without_exception_names(django_defaults, server, caplog):
+    """An outage is reported once as a WARNING and its end once as an INFO, in words (no exception class names)."""
+    caplog.set_level(logging.INFO, logger="freshconn")
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    server.down()
+    timer = up_later(server, 2.5)
+    try:
+        with freshconn.unit_of_work():
+            Order.objects.count()
+    finally:
+        timer.join()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO and r.reason == "server_available"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].reason == "server_unavailable"
+    assert "unreachable" in warnings[0].getMessage()
+    for word in ("OperationalError", "Error:", "Exception", "app-secret-pw"):
+        assert word not in warnings[0].getMessage()
+    assert len(infos) == 1
+    assert "reachable again" in infos[0].getMessage()
+
+
+def test_kill_between_units_reconnects_at_once_without_waiting(django_defaults):
+    """A killed session is not an outage: the next unit reconnects at its first attempt, no wait, no warning."""
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    kill_connection()
+    with freshconn.unit_of_work():
+        assert Order.objects.count() == 0
+    c = counters()
+    assert c["reconnect_attempts"] == 1
+    assert c["reconnect_waits"] == 0

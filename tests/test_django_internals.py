@@ -1,0 +1,131 @@
+"""Every Django internal named in freshconn._django still exists and behaves as freshconn assumes (run on each Django leg)."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import django
+import pytest
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections, connection, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+import freshconn
+from freshconn import _django, _errors
+from tests.app.models import Order
+
+pytestmark = [pytest.mark.server]
+
+
+def test_django_version_is_a_supported_series():
+    """The suite runs on a Django series freshconn supports (4.2, 5.2 or 6.x)."""
+    assert django.VERSION[:2] >= (4, 2)
+
+
+def test_thread_wrapper_reads_this_threads_local_without_creating_one(live):
+    """connections._connections is the per-thread Local: read it without creating a wrapper for another thread."""
+    connection.ensure_connection()
+    assert _django.thread_wrapper("default") is connections["default"]
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(_django.thread_wrapper("default")))
+    t.start()
+    t.join()
+    assert seen == [None]
+
+
+def test_initialized_wrappers_lists_only_this_threads_wrappers(live):
+    """connections.all(initialized_only=True) (Django >= 4.1) lists the wrappers this thread created."""
+    connection.ensure_connection()
+    assert connections["default"] in _django.initialized_wrappers()
+
+
+def test_health_check_done_exists_and_is_reset_by_close_if_unusable(live):
+    """health_check_done is a wrapper attribute Django resets in close_if_unusable_or_obsolete()."""
+    conn = connections["default"]
+    conn.ensure_connection()
+    assert hasattr(conn, _django.HEALTH_CHECK_DONE)
+    type(conn).close_if_unusable_or_obsolete(conn)
+    assert getattr(conn, _django.HEALTH_CHECK_DONE) is False
+
+
+def test_close_old_connections_calls_the_per_connection_step_on_the_instance(live):
+    """django.db.close_old_connections() looks the per-connection step up on each wrapper instance."""
+    calls = []
+    conn = connections["default"]
+    conn.ensure_connection()
+    original = getattr(conn, _django.PER_CONNECTION_STEP)
+    setattr(conn, _django.PER_CONNECTION_STEP, lambda: calls.append(1))
+    try:
+        close_old_connections()
+    finally:
+        setattr(conn, _django.PER_CONNECTION_STEP, original)
+    assert calls == [1]
+
+
+def test_close_old_connections_is_djangos_request_signal_receiver():
+    """Django connects close_old_connections to request_started/request_finished (freshconn re-points them under adoption)."""
+    for signal in (request_started, request_finished):
+        assert any(_deref(entry[1]) is close_old_connections for entry in signal.receivers)
+
+
+def _deref(ref):
+    return ref() if isinstance(ref, weakref.ReferenceType) else ref
+
+
+def test_execute_wrappers_index_zero_is_outermost_and_survives_execute_wrapper_exit(live):
+    """A wrapper inserted at index 0 wraps every other one and is not popped by connection.execute_wrapper()."""
+    order: list[str] = []
+
+    def outer(execute, sql, params, many, context):
+        order.append("outer")
+        return execute(sql, params, many, context)
+
+    def inner(execute, sql, params, many, context):
+        order.append("inner")
+        return execute(sql, params, many, context)
+
+    conn = connections["default"]
+    conn.ensure_connection()
+    conn.execute_wrappers.insert(0, outer)
+    try:
+        with conn.execute_wrapper(inner), conn.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        assert outer in conn.execute_wrappers
+    finally:
+        conn.execute_wrappers.remove(outer)
+    assert order[:2] == ["outer", "inner"]
+
+
+def test_a_lost_commit_error_carries_djangos_commit_frame(live):
+    """An error raised during COMMIT has a traceback through BaseDatabaseWrapper._commit with the wrapper as self."""
+    try:
+        with transaction.atomic():
+            Order.objects.create(ref="frame")
+            connection.connection.close()  # the driver's COMMIT now fails, inside Django's _commit
+    except Exception as exc:
+        frames = []
+        for e in _errors.chain(exc):
+            tb = e.__traceback__
+            while tb is not None:
+                frames.append(tb.tb_frame)
+                tb = tb.tb_next
+        assert any(_django.commit_frame_alias(f) == "default" for f in frames)
+    else:
+        pytest.fail("COMMIT on a closed driver connection did not fail")
+
+
+def test_commit_and_atomic_exit_use_the_names_freshconn_expects():
+    """BaseDatabaseWrapper has _commit, on_commit(robust=...), execute_wrappers and close_if_unusable_or_obsolete."""
+    assert callable(getattr(BaseDatabaseWrapper, _django.COMMIT_FRAME))
+    assert "robust" in BaseDatabaseWrapper.on_commit.__code__.co_varnames
+    assert callable(getattr(BaseDatabaseWrapper, _django.PER_CONNECTION_STEP))
+    assert isinstance(connection.execute_wrappers, list)
+
+
+def test_freshconn_leaves_djangos_close_at_alone(live):
+    """freshconn never rewrites close_at: code outside units keeps Django's own CONN_MAX_AGE."""
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    settings_age = connection.settings_dict["CONN_MAX_AGE"]
+    assert (connection.close_at is None) == (settings_age is None)

@@ -1,4 +1,4 @@
-"""Every Django internal named in freshconn._django still exists and behaves as freshconn assumes (run on each Django leg)."""
+"""Every Django internal named in freshconn._django exists and behaves as freshconn assumes (on each Django leg)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_close_old_connections_calls_the_per_connection_step_on_the_instance(liv
 
 
 def test_close_old_connections_is_djangos_request_signal_receiver():
-    """Django connects close_old_connections to request_started/request_finished (freshconn re-points them under adoption)."""
+    """Django connects close_old_connections to both request signals (freshconn re-points them under adoption)."""
     for signal in (request_started, request_finished):
         assert any(_deref(entry[1]) is close_old_connections for entry in signal.receivers)
 

@@ -1,4 +1,4 @@
-"""Unit handles under every usage shape: other threads, double closes, stray wrappers, failing receivers, interruptions."""
+"""Unit handles in every usage shape: other threads, double closes, stray wrappers, failing receivers, interruptions."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_unit_handle_refuses_a_second_close_and_another_thread(owner):
     handle = freshconn.open_unit()
     select_one()
     with pytest.raises(RuntimeError, match="closed from thread"):
-        owner.call(lambda: handle.close())
+        owner.call(handle.close)
     handle.close()
     with pytest.raises(RuntimeError, match="already closed"):
         handle.close()
@@ -247,7 +247,7 @@ def test_a_query_interrupted_by_a_signal_is_never_reused(live, alarm):
 
 @pytest.mark.skipif(DRIVER not in ("pymysql", "psycopg"), reason="pure-Python protocol readers can be cut mid-reply")
 def test_without_freshconn_an_interrupted_query_leaves_a_half_read_connection(live, alarm):
-    """For contrast: on a driver whose reader a signal can cut mid-reply, the next plain query fails or reads garbage."""
+    """For contrast: on a driver whose reader a signal can cut mid-reply, the next plain query fails or misreads."""
     with pytest.raises(Interrupted):
         _interrupted_query()
     signal.setitimer(signal.ITIMER_REAL, 0)

@@ -8,10 +8,10 @@ class FreshconnConfig(AppConfig):
     verbose_name = "freshconn"
 
     def ready(self) -> None:
-        from . import _wiring, checks, conf
+        from . import _state, checks, conf
 
         # Validate now, so a bad FRESHCONN setting stops the process at start-up with its name.
         conf.reset()
         conf.get()
-        _wiring.wire()
+        _state.wire()
         checks.register()

@@ -15,7 +15,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from ... import _audit, _doctor, _doctor_output
+from ... import _doctor, _doctor_output
 
 _BAR = 30
 
@@ -70,7 +70,6 @@ class Command(BaseCommand):
             sys.exit(code)
 
     def _progress_for(self, alias: str) -> Callable[[float, str], None]:
-        secrets = _audit.secrets_of(dict(connections[alias].settings_dict))
         last = [0.0]
 
         def show(fraction: float, label: str) -> None:
@@ -81,7 +80,7 @@ class Command(BaseCommand):
             done = int(_BAR * fraction)
             bar = "#" * done + "-" * (_BAR - done)
             line = f"\r{alias}: probing idle limit [{bar}] {fraction * 100:3.0f}% {label}"
-            self.stderr.write(_audit.scrub(line.ljust(100), secrets), ending="\n" if fraction >= 1.0 else "")
+            self.stderr.write(line.ljust(100), ending="\n" if fraction >= 1.0 else "")
             self.stderr.flush()
 
         return show

@@ -230,7 +230,10 @@ def test_probe_progress_only_on_a_tty(server: Server) -> None:
     with alias(server), open(replica, "w") as tty:
         code, out, _ = doctor("--database", "doc", "--probe-idle", "1", stderr=tty)
         _, _, redirected = doctor("--database", "doc", "--probe-idle", "0.3")
-    drawn = os.read(master, 65536).decode()
+    try:
+        drawn = os.read(master, 65536).decode()
+    except OSError:  # EIO: nothing was ever written to the terminal
+        drawn = ""
     os.close(master)
     assert "probing idle limit [" in drawn
     assert "100% done" in drawn

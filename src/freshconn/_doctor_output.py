@@ -151,7 +151,7 @@ def _db_text(rep: AliasReport) -> list[str]:
     if not s.networked:
         lines = [f"{s.alias}  {s.vendor}: nothing to check (no server, no network)"]
     elif facts is None:
-        lines = [f"{s.alias}  {s.vendor} via {driver} at {where}"]
+        lines = [f"{s.alias}  {s.vendor} via {driver} at {where} (user {s.user or '-'})"]
     else:
         lines = [f"{s.alias}  {facts.product} {facts.version} via {driver} at {where} (user {s.user or '-'})"]
         limits = [_limit_text(k, v) for k, v in facts.limits.items() if k != "wait_timeout_global"]

@@ -156,8 +156,8 @@ def settings_hits(s: AliasSettings, cfg: conf.Config | None) -> list[Hit]:
 
 
 _FAILURE_FIXES = {
-    "authentication_failed": "Check {db}['USER'] and {db}['PASSWORD'] (on MySQL/MariaDB also the hosts the account "
-    "may connect from).",
+    "authentication_failed": "Check {db}['USER'] and {db}['PASSWORD'], and that this account may log in from this "
+    "host.",
     "access_denied": "Let this user connect to this database from this host (MySQL/MariaDB GRANT; PostgreSQL "
     "pg_hba.conf and the CONNECT privilege).",
     "unknown_database": "Check {db}['NAME'], or create that database.",

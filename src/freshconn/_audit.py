@@ -8,6 +8,7 @@ nothing built from it can show them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -88,9 +89,15 @@ _DISTRIBUTIONS = {
 
 def driver_version(alias: str) -> str | None:
     """The installed driver's version, from package metadata (PyMySQL as MySQLdb lies about it)."""
+    return _version_of(driver_name(alias))
+
+
+@functools.cache
+def _version_of(driver: str) -> str | None:
+    # Cached: every ``manage.py check`` builds the settings view of every alias.
     from importlib import metadata
 
-    for dist in _DISTRIBUTIONS.get(driver_name(alias), ()):
+    for dist in _DISTRIBUTIONS.get(driver, ()):
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:

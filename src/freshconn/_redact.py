@@ -121,7 +121,7 @@ SUMMARIES: dict[str, str] = {
     "too_many_connections": "the server refuses new connections: too many are open",
     "server_unavailable": "the server is starting up, shutting down or in recovery",
     "tls": "the TLS handshake or certificate check failed",
-    "connection_lost": "the server closed the connection while it was being set up",
+    "connection_lost": "the server (or something in between) closed the connection",
     "options_rejected": "the driver rejected the connection options before connecting",
     "settings_rejected": "Django rejected the database settings before connecting",
     "encoding": "a setting holds characters the driver cannot encode (PASSWORD, USER or NAME)",
@@ -177,6 +177,7 @@ _ERRNO_KINDS = {
     -3: "unknown_host",
     -5: "unknown_host",
 }
+_MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql")
 _ERRNO = re.compile(r"\[Errno (-?\d+)\]|\((-?\d+)\)\s*$")
 
 _PG_SQLSTATES = {
@@ -244,29 +245,37 @@ def _mysql_kind(code: int, message: str) -> str:
     return "failed"
 
 
-def describe_failure(exc: BaseException, option_names: frozenset[str] = frozenset()) -> ConnectFailure:
-    """Reduce a failed connect to a code and a kind; the exception's text never leaves this function."""
-    if isinstance(exc, ParamsError):
-        cause = exc.__cause__ or exc
-        text = str(cause).lower()
-        detail = next((ours for needle, ours in _DJANGO_REFUSALS if needle in text), None)
-        if detail is None and not isinstance(cause, ImproperlyConfigured):
-            detail = "HOST, PORT, NAME, USER or an OPTIONS value has the wrong type"
-        return ConnectFailure("settings_rejected", None, _source(cause), detail=detail)
-    if isinstance(exc, UnicodeError):
-        return ConnectFailure("encoding", None, _source(exc))
-    message = str(exc).lower()
-    args = exc.args
-    code = args[0] if args else None
-    if isinstance(code, int) and not isinstance(code, bool):
-        kind = _mysql_kind(code, message)
-        return ConnectFailure(kind, str(code), f"MySQL error {code}")
-    if isinstance(exc, (TypeError, ValueError)) or type(exc).__name__ in ("ProgrammingError", "NotSupportedError"):
-        return ConnectFailure("options_rejected", None, _source(exc), setting=_named_setting(message, option_names))
+def _refused_by_django(cause: BaseException) -> ConnectFailure:
+    text = str(cause).lower()
+    detail = next((ours for needle, ours in _DJANGO_REFUSALS if needle in text), None)
+    if detail is None and not isinstance(cause, ImproperlyConfigured):
+        detail = "HOST, PORT, NAME, USER or an OPTIONS value has the wrong type"
+    return ConnectFailure("settings_rejected", None, _source(cause), detail=detail)
+
+
+def _by_sqlstate_or_wording(exc: BaseException, message: str, option_names: frozenset[str]) -> ConnectFailure:
     sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
     if isinstance(sqlstate, str) and sqlstate in _PG_SQLSTATES:
         return ConnectFailure(_PG_SQLSTATES[sqlstate], sqlstate, f"SQLSTATE {sqlstate}")
     kind = next((k for pattern, k in _PG_MESSAGES if pattern.search(message)), "failed")
     setting = _named_setting(message, option_names) if kind == "options_rejected" else None
-    code_text = sqlstate if isinstance(sqlstate, str) and sqlstate else None
-    return ConnectFailure(kind, code_text, f"SQLSTATE {code_text}" if code_text else _source(exc), setting=setting)
+    code = sqlstate if isinstance(sqlstate, str) and sqlstate else None
+    return ConnectFailure(kind, code, f"SQLSTATE {code}" if code else _source(exc), setting=setting)
+
+
+def describe_failure(exc: BaseException, option_names: frozenset[str] = frozenset()) -> ConnectFailure:
+    """Reduce a failed connect to a code and a kind; the exception's text never leaves this function."""
+    if isinstance(exc, ParamsError):
+        return _refused_by_django(exc.__cause__ or exc)
+    if isinstance(exc, UnicodeError):
+        return ConnectFailure("encoding", None, _source(exc))
+    message = str(exc).lower()
+    code = exc.args[0] if exc.args else None
+    if type(exc).__module__.split(".")[0] in _MYSQL_MODULES and isinstance(code, int) and not isinstance(code, bool):
+        return ConnectFailure(_mysql_kind(code, message), str(code), f"MySQL error {code}")
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_KINDS:  # a socket error no driver wrapped
+        return ConnectFailure(_ERRNO_KINDS[exc.errno], None, _source(exc))
+    if isinstance(exc, (TypeError, ValueError)) or type(exc).__name__ in ("ProgrammingError", "NotSupportedError"):
+        # Raised by the driver before any I/O: an unknown keyword, a value of the wrong type or range.
+        return ConnectFailure("options_rejected", None, _source(exc), setting=_named_setting(message, option_names))
+    return _by_sqlstate_or_wording(exc, message, option_names)

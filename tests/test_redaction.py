@@ -30,8 +30,9 @@ from testbed.servers import DB_NAME, Server, free_port
 import freshconn
 from freshconn._redact import safe_location
 from freshconn.contrib.prometheus import register
+from freshconn.testing import kill_connection
 
-from .conftest import DRIVER, VENDOR, admin_connection
+from .conftest import DRIVER, VENDOR, admin_connection, wait_until_socket_shows_close
 from .tempalias import temp_alias
 
 SPECIAL = "Ünï;@:/%'\"#&=ß"
@@ -174,11 +175,33 @@ def _check(aliases: tuple[str, ...]) -> str:
     return str(failed.value) + out.getvalue() + err.getvalue()
 
 
+def _query(alias: str) -> None:
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchall()
+
+
 def _units() -> None:
-    with freshconn.unit_of_work(using="ok"), connections["ok"].cursor() as cursor:
-        cursor.execute("SELECT 1")
-    with pytest.raises(OperationalError), freshconn.unit_of_work(using="bad"), connections["bad"].cursor() as cursor:
-        cursor.execute("SELECT 1")
+    """Units that make freshconn log: a dead connection discarded, a retry, a server it cannot reach."""
+    with freshconn.unit_of_work(using="ok"):
+        _query("ok")
+    kill_connection("ok")
+    wait_until_socket_shows_close("ok")
+    with freshconn.unit_of_work(using="ok"):
+        _query("ok")  # "discarded connection 'ok': dead"
+    killed = []
+
+    @freshconn.unit_of_work(using="ok", retries=1)
+    def killed_once() -> None:
+        _query("ok")
+        if not killed:
+            killed.append(kill_connection("ok"))
+            _query("ok")  # a disconnect in a read-only unit: "retrying ... after a disconnect on 'ok'"
+
+    killed_once()
+    for alias in ("bad", "gone"):
+        with pytest.raises(OperationalError), freshconn.unit_of_work(using=alias):
+            _query(alias)
 
 
 def _scrape() -> str:
@@ -200,7 +223,8 @@ def run_everything(server: Server, accounts: Accounts, password: str, dead_port:
     aliases = _matrix_aliases(server, password, dead_port)
     try:
         with (
-            override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 0}),
+            # Long enough for one "cannot reach the server ... retrying" line, short enough to cost nothing.
+            override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 0.12}),
             temp_alias("ok", aliases["ok"]),
             temp_alias("bad", aliases["bad"]),
             temp_alias("gone", aliases["gone"]),
@@ -218,7 +242,8 @@ def run_everything(server: Server, accounts: Accounts, password: str, dead_port:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    outputs["logs"] = records.getvalue()
+    # Each kind of line once: how many reconnect attempts fit in RECONNECT_TIMEOUT depends on timing.
+    outputs["logs"] = "\n".join(sorted(set(records.getvalue().splitlines())))
     return outputs
 
 
@@ -241,7 +266,9 @@ def test_password_changes_no_output(
     assert by_alias["dsn"]["target"]["name"].startswith(("mysql://fcpw@", "postgresql://fcpw@"))
     assert "freshconn.E004" in seen["checks"]
     assert 'alias="ok"' in seen["metrics"]
-    assert "discarded" in seen["metrics"]
+    assert 'freshconn_retries_total{alias="ok"} 1.0' in seen["metrics"]
+    assert "discarded connection 'ok': dead" in seen["logs"]
+    assert "retrying" in seen["logs"]
     if password == SPECIAL:  # the others are ordinary words, which the outputs rightly contain
         everything = "\n".join(seen.values())
         assert password not in everything

@@ -284,11 +284,6 @@ def test_invalid_freshconn_settings_is_exit_two(server: Server) -> None:
     assert code == 2
 
 
-@pytest.mark.xfail(
-    DRIVER == "mysqlclient",
-    strict=True,
-    reason="WorkerCommand's start-up line (command.py, core) still names mysqlclient by its module, MySQLdb",
-)
 def test_one_name_per_driver_in_every_output(server: Server) -> None:
     """The doctor, the checks and WorkerCommand's start-up line name the driver the same way."""
     from freshconn.command import policy_summary

@@ -121,9 +121,6 @@ def test_exit_codes_of_the_real_command(live: None, tmp_path: Path) -> None:
     assert "--probe-idle" in done["probe 0"][1]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs AppConfig.ready() to let the doctor report FRESHCONN errors (_doctor.running_doctor)"
-)
 def test_invalid_freshconn_in_a_real_process_is_exit_two(tmp_path: Path) -> None:
     """A FRESHCONN that fails validation at start-up still lets the doctor run and report E001, exit 2."""
     _bad_settings(tmp_path)

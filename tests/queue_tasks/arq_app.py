@@ -19,7 +19,7 @@ async def record_job(ctx: dict[str, Any], ref: str) -> None:
 
 
 class WorkerSettings:
-    functions = [record_job]  # noqa: RUF012 - arq reads class attributes
+    functions = [record_job]
     redis_settings = RedisSettings.from_dsn(redis_url())
     queue_name = QUEUE
     max_tries = 1

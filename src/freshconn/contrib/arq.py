@@ -40,7 +40,7 @@ def install(settings: S, *, using: Using = None) -> S:
 
     def get(name: str) -> Hook | None:
         value = settings.get(name) if isinstance(settings, dict) else getattr(settings, name, None)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def put(name: str, hook: Hook) -> None:
         if isinstance(settings, dict):

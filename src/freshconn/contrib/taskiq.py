@@ -43,7 +43,7 @@ def as_unit(func: Callable[..., Any], using: Using = None) -> Callable[..., Any]
     return wrapped
 
 
-class FreshconnMiddleware(TaskiqMiddleware):  # type: ignore[misc]  # taskiq's base class is untyped here
+class FreshconnMiddleware(TaskiqMiddleware):
     """Each task a unit of work; ``using`` limits the aliases in scope (default: all)."""
 
     def __init__(self, using: Using = None) -> None:

@@ -32,16 +32,14 @@ _UID = "freshconn.contrib.tasks"
 
 
 def _signals() -> Any:
-    try:
-        from django.tasks import signals  # Django >= 6.0
-    except ImportError:
+    import importlib
+
+    for name in ("django.tasks.signals", "django_tasks.signals"):  # Django >= 6.0, else the backport
         try:
-            from django_tasks import signals  # the backport, for Django < 6.0
+            return importlib.import_module(name)
         except ImportError:
-            raise ImportError(
-                "freshconn.contrib.tasks needs Django >= 6.0 (django.tasks) or the django-tasks backport"
-            ) from None
-    return signals
+            continue
+    raise ImportError("freshconn.contrib.tasks needs Django >= 6.0 (django.tasks) or the django-tasks backport")
 
 
 class _Units:

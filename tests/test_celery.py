@@ -114,19 +114,7 @@ def app_sessions() -> int:
         return int(cursor.fetchone()[0])
 
 
-@pytest.mark.parametrize(
-    "pool",
-    [
-        "gevent",
-        pytest.param(
-            "eventlet",
-            marks=pytest.mark.skip(
-                reason="eventlet's monkey-patching removes select.poll, which freshconn's socket check uses "
-                "(core change pending: fall back to select.select)"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_greenlet_pool_tasks_are_units_and_finished_greenlets_leave_no_session(
     live, redis_server, redis_client, producer, pool
 ):

@@ -35,7 +35,8 @@ logger = logging.getLogger("freshconn")
 STATE_ATTR = "_freshconn_state"
 LOST_ATTR = "_freshconn_lost_state"
 _HOOKED_ATTR = "_freshconn_hooked"
-_POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+# getattr: eventlet's monkey-patching removes select.poll and its constants (select.select stays).
+_POLL_MASK = sum(getattr(select, name, 0) for name in ("POLLIN", "POLLPRI", "POLLERR", "POLLHUP", "POLLNVAL"))
 #: Discards that may mean the server is down or restarting: the next boundary reconnects patiently.
 OUTAGE_REASONS = frozenset({"dead", "error"})
 _monotonic = time.monotonic
@@ -77,11 +78,8 @@ class ConnState:
             self.backend_id: int | None = driver.backend_id(raw)
         except Exception:  # noqa: BLE001 - only AmbiguousCommitError.wait_until_settled needs it
             self.backend_id = None
-        self.poller: Any = None
         fd = driver.fileno(raw)
-        if fd is not None:
-            self.poller = select.poll()
-            self.poller.register(fd, _POLL_MASK)
+        self.poller: Any = None if fd is None else _poller(fd)
 
     def configure(self, cfg: conf.Config, settings_dict: dict[str, Any]) -> None:
         """(Re)compute the lifetime and idle window from the settings (at connect, and when they change)."""
@@ -97,6 +95,28 @@ class ConnState:
         if self.driver.closed(self.raw):
             return True
         return self.driver.vendor == "mysql" and self.socket_has_news()
+
+
+class _SelectPoller:
+    """poll(0) through select.select, where select.poll is missing (eventlet's green select)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def poll(self, timeout: float) -> list[int]:
+        readable, _, broken = select.select([self.fd], [], [self.fd], 0)
+        return readable or broken
+
+
+def _poller(fd: int) -> Any:
+    make = getattr(select, "poll", None)
+    if make is None:
+        return _SelectPoller(fd)
+    poller = make()
+    poller.register(fd, _POLL_MASK)
+    return poller
 
 
 class Tracker:

@@ -3,7 +3,8 @@
 One ``ConnState`` per raw connection (replaced on reconnect), found on the Django wrapper. The
 statement hook, one Django execute wrapper per managed wrapper, keeps it current: when the
 connection was last used (so the start-of-unit check compares one number), whether a statement
-was interrupted mid-flight, and, for the unit running in the thread, what its transactions did.
+was interrupted mid-flight or refused by a read-only node, and, for a retrying unit, its writes.
+A second hook on ``_commit`` records a COMMIT lost in flight.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from django.dispatch import Signal
 
 from . import _django, _drivers, _policy, _stats, conf
 from ._aliases import is_server_vendor
-from ._errors import is_database_error, is_disconnect, is_unsent
+from ._errors import is_database_error, is_disconnect, is_read_only, is_unsent
 from ._sql import COMMIT, WRITE, classify
 from .signals import connection_discarded
 
@@ -52,9 +53,9 @@ class ConnState:
         "backend_id",
         "check_at",
         "deadline",
+        "doomed",
         "driver",
         "idle_limit",
-        "interrupted",
         "last_used",
         "opened_at",
         "poller",
@@ -72,7 +73,9 @@ class ConnState:
         self.deadline = self.check_at = now
         self.idle_limit: float | None = None
         self.window = 0.0
-        self.interrupted = False
+        #: A discard reason the statement hook recorded: "interrupted" (a reply may be half-read) or
+        #: "read_only" (the server refused a write: a failover left this connection on the wrong node).
+        self.doomed: str | None = None
         self.autocommit = True
         try:
             self.backend_id: int | None = driver.backend_id(raw)
@@ -309,9 +312,13 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any
         # An exception raised while the statement was in flight (a time limit, SIGALRM, Ctrl-C): the
         # reply may be half-read and the next statement would read its rest. Never reuse it.
         if state is not None:
-            state.interrupted = True
+            state.doomed = "interrupted"
         conn.errors_occurred = True
         return
+    if is_read_only(exc):
+        if state is not None:
+            state.doomed = "read_only"
+        return  # refused by the server: nothing was applied
     if active is None or not is_disconnect(exc):
         return
     tracker: Tracker = active.record()

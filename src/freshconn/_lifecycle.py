@@ -156,6 +156,10 @@ def _end_one(conn: BaseDatabaseWrapper, now: float, disconnect: bool, interrupte
         discard(conn, "max_age")
     elif conn.autocommit != state.autocommit:
         discard(conn, "autocommit")
+    elif state.pooled:
+        # Back to the pool, as Django does after a request: a thread holds no pooled connection
+        # between units (threads outnumbering the pool's max_size would exhaust it otherwise).
+        conn.close()
     return False
 
 
@@ -175,6 +179,7 @@ def end(scope: Scope, exc: BaseException | None) -> None:
                 and not state.doomed
                 and now < state.deadline
                 and conn.autocommit == state.autocommit
+                and not state.pooled
             ):
                 continue  # the common case: nothing to do
             _end_one(conn, now, False, False)

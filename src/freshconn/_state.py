@@ -23,7 +23,7 @@ from typing import Any
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
-from . import _django, _drivers, _policy, _stats, conf
+from . import _django, _drivers, _policy, _pool, _stats, conf
 from ._aliases import is_server_vendor
 from ._errors import is_database_error, is_disconnect, is_read_only, is_unsent
 from ._sql import COMMIT, WRITE, classify
@@ -59,6 +59,7 @@ class ConnState:
         "last_used",
         "opened_at",
         "poller",
+        "pooled",
         "raw",
         "spread",
         "window",
@@ -77,6 +78,8 @@ class ConnState:
         #: "read_only" (the server refused a write: a failover left this connection on the wrong node).
         self.doomed: str | None = None
         self.autocommit = True
+        #: Handed out by Django's connection pool: returned to it at the end of every unit.
+        self.pooled = False
         try:
             self.backend_id: int | None = driver.backend_id(raw)
         except Exception:  # noqa: BLE001 - only AmbiguousCommitError.wait_until_settled needs it
@@ -193,6 +196,8 @@ def wire() -> None:
     setting_changed.connect(conf.reset, dispatch_uid="freshconn.conf.reset")
     setting_changed.connect(_aliases.reset_caches, dispatch_uid="freshconn.aliases.reset")
     setting_changed.connect(reconfigure, dispatch_uid="freshconn.state.reconfigure")
+    setting_changed.connect(_pools_on_change, dispatch_uid="freshconn.pool.install")
+    _pool.install_pools(raw_state)
     for hook in on_wire:
         hook()
 
@@ -201,28 +206,35 @@ def local() -> _Thread:
     return _local
 
 
-def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
-    raw = conn.connection
+def raw_state(alias: str, raw: Any, settings_dict: dict[str, Any], *, read_limit: bool, autocommit: bool) -> ConnState:
+    """A new state for the driver connection ``raw`` of ``alias`` (reading the server's idle limit if asked)."""
     driver = _drivers.for_connection(raw)
     cfg = conf.get()
-    state = ConnState(conn.alias, driver, raw, _monotonic())
-    if read_limit and cfg.max_age_for(conn.settings_dict) != 0:
+    state = ConnState(alias, driver, raw, _monotonic())
+    if read_limit and cfg.max_age_for(settings_dict) != 0:
         # A connection closed after every unit never idles: skip the round trip for it.
         try:
             state.idle_limit = _policy.effective_idle_limit(driver.idle_limit(raw))
-            if not conn.autocommit:
+            if not autocommit:
                 raw.rollback()
         except Exception as exc:  # noqa: BLE001 - a missing limit only means more pings
             logger.debug(
                 "could not read the server idle limit for %s: %s",
-                conn.alias,
+                alias,
                 type(exc).__name__,
-                extra={"alias": conn.alias, "reason": "idle_limit_unknown"},
+                extra={"alias": alias, "reason": "idle_limit_unknown"},
             )
-    state.autocommit = bool(conn.settings_dict["AUTOCOMMIT"])
-    state.configure(cfg, conn.settings_dict)
-    setattr(conn, STATE_ATTR, state)
+    state.autocommit = bool(settings_dict.get("AUTOCOMMIT", True))
+    state.configure(cfg, settings_dict)
     _all_states.add(state)
+    return state
+
+
+def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
+    state = raw_state(
+        conn.alias, conn.connection, conn.settings_dict, read_limit=read_limit, autocommit=conn.autocommit
+    )
+    setattr(conn, STATE_ATTR, state)
     return state
 
 
@@ -251,7 +263,10 @@ def register(conn: BaseDatabaseWrapper) -> None:
 def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     if not is_server_vendor(connection.vendor):
         return
-    _stats.bump(connection.alias, "connects")
+    raw = connection.connection
+    pooled_state: ConnState | None = getattr(raw, _pool.RAW_STATE_ATTR, None)
+    if pooled_state is None:
+        _stats.bump(connection.alias, "connects")  # pooled ones are counted when the pool opens them
     if _django.thread_wrapper(connection.alias) is not connection:
         # A wrapper that is not this thread's own (connections.create_connection(), Django's
         # PostgreSQL _nodb_cursor fallback): it must never stand in for the thread's connection.
@@ -261,7 +276,17 @@ def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs
         # Kept for AmbiguousCommitError: Django's Atomic.__exit__ reconnects right after a lost COMMIT.
         setattr(connection, LOST_ATTR, old)
     register(connection)
+    if pooled_state is not None and pooled_state.raw is raw:
+        # A pooled connection checked out: its state (idle limit, lifetime) was made when the pool
+        # opened it and carries over; the pool's check has just vouched for it.
+        setattr(connection, STATE_ATTR, pooled_state)
+        return
     _new_state(connection, read_limit=True)
+
+
+def _pools_on_change(**kwargs: Any) -> None:
+    if kwargs.get("setting") == "DATABASES":
+        _pool.install_pools(raw_state)
 
 
 def seed() -> None:
@@ -390,6 +415,12 @@ def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
 
 def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
     """Close ``conn`` now, whatever state its socket is in, and record why."""
+    state: ConnState | None = getattr(conn, STATE_ATTR, None)
+    if state is not None and state.pooled and conn.connection is not None:
+        # Django's close() returns a pooled connection to the pool, which would hand it out again:
+        # close the driver connection first, so that the pool drops it and opens a replacement.
+        with contextlib.suppress(Exception):
+            conn.connection.close()
     # The connection is being thrown away: its close may fail on a dead socket, and that is fine.
     with contextlib.suppress(Exception):
         conn.close()

@@ -20,6 +20,8 @@ from freshconn import _outage, _state
 
 DRIVER: str = settings.DRIVER
 VENDOR: str = settings.VENDOR
+#: The name freshconn gives the driver in its output (doctor, checks, start-up line).
+DRIVER_NAME: str = {"mysqlconnector": "mysql-connector"}.get(DRIVER, DRIVER)
 
 #: Django >= 6.0's MySQL backend reads the server's version and modes (``mysql_server_data``) the first
 #: time a new thread's wrapper builds an INSERT, through ``temporary_connection()``: one extra connect

@@ -17,7 +17,7 @@ from django.db import connections
 import freshconn
 from freshconn.command import policy_summary
 from tests.app.models import Order
-from tests.conftest import DRIVER, ROOT, VENDOR, subprocess_env
+from tests.conftest import DRIVER_NAME, ROOT, VENDOR, subprocess_env
 from tests.test_threads import app_connections, baseline
 
 pytestmark = pytest.mark.server
@@ -150,7 +150,7 @@ def test_start_up_line_shows_the_effective_policy_without_credentials(worker):
     assert w.finish() == 0, w.stderr()
     head = w.out[0]
     assert head.startswith("freshconn policy: CHECK_AFTER_IDLE=5s, RECONNECT_TIMEOUT=60s;")
-    assert f"default: {VENDOR} via {DRIVER} " in head
+    assert f"default: {VENDOR} via {DRIVER_NAME} " in head
     assert "CONN_MAX_AGE=1800s" in head
     assert PASSWORD not in "\n".join(w.out) + w.stderr()
     assert rows() == ["w1-end", "w1-start"]

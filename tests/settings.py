@@ -5,12 +5,9 @@ driver (Django prefers psycopg 3 when importable), so each driver runs in its ow
 HOST and PORT are filled in by tests/conftest.py once it has started the throwaway server.
 """
 
-import importlib.util
 import json
 import os
 import sys
-
-import django
 
 DRIVER = os.environ.get("FRESHCONN_TEST_DRIVER", "mysqlclient")
 DRIVERS = ("mysqlclient", "pymysql", "psycopg", "psycopg2")
@@ -45,29 +42,3 @@ DATABASES = {
     "lite": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:", "TEST": {"DEPENDENCIES": []}},
 }
 LOGGING_CONFIG = None
-
-# Real third-party workers (tests/test_adopt_real.py) keep their queues and results in the database:
-# their apps are installed here, when the package is, so that their tables exist in the test database.
-# Django-Q2 with its ORM broker: one worker, never recycled (its default restarts a worker process
-# every 500 tasks, which would open a new connection), no scheduler (it queries every 30 s).
-if importlib.util.find_spec("django_q") is not None:
-    INSTALLED_APPS.append("django_q")
-    Q_CLUSTER = {
-        "name": "freshconn-tests",
-        "orm": "default",
-        "workers": 1,
-        "recycle": 1_000_000,
-        "timeout": 30,
-        "retry": 60,
-        "max_attempts": 1,
-        "save_limit": 0,
-        "scheduler": False,
-        "catch_up": False,
-        "poll": 0.1,
-        "bulk": 20,
-        "log_level": "WARNING",
-    }
-# django-tasks-db is the database backend of Django >= 6.0's django.tasks (older series: skipped).
-if django.VERSION >= (6, 0) and importlib.util.find_spec("django_tasks_db") is not None:
-    INSTALLED_APPS.append("django_tasks_db")
-    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}

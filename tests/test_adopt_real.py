@@ -17,6 +17,7 @@ breaks at its first fault that reaches the worker: a task fails, or the worker d
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -28,12 +29,15 @@ from typing import Any
 
 import django
 import pytest
+from django.apps import apps as django_apps
+from django.conf import settings
 from django.db import connections
+from django.test import override_settings
 
 from tests.app.models import Order
 from tests.conftest import VENDOR, short_server_timeout_options, subprocess_env
 from tests.queue_tasks.harness import WorkerProcess, redis_server
-from tests.realworkers import EVENTS_ENV, FRAMEWORK_ENV, STATS_DIR_ENV
+from tests.realworkers import EVENTS_ENV, FRAMEWORK_ENV, Q_CLUSTER, STATS_DIR_ENV, TASKS
 
 __all__ = ["redis_server"]  # a fixture used below
 
@@ -438,6 +442,38 @@ def huey_framework(redis_url: str) -> Framework:
     )
 
 
+@pytest.fixture(scope="module")
+def db_apps(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Django-Q2's and django-tasks-db's apps installed in this process for this module, their tables created.
+
+    Not in tests/settings.py: their models' system checks would run in every ``manage.py check`` test.
+    """
+    names = [name for name, ok in (("django_q", True), ("django_tasks_db", django.VERSION >= (6, 0))) if ok]
+    names = [name for name in names if importlib.util.find_spec(name) is not None]
+    # Their settings first: override_settings installs apps before it applies the other settings, and
+    # Django-Q2 reads Q_CLUSTER when its app loads.
+    with (
+        override_settings(Q_CLUSTER=Q_CLUSTER, TASKS=TASKS),
+        override_settings(INSTALLED_APPS=[*settings.INSTALLED_APPS, *names]),
+    ):
+        models = [
+            model
+            for config in django_apps.get_app_configs()
+            if config.name in names
+            for model in config.get_models()
+            if not model._meta.proxy
+        ]
+        with django_db_blocker.unblock(), connections["default"].schema_editor() as editor:
+            for model in models:
+                editor.create_model(model)
+        try:
+            yield
+        finally:
+            with django_db_blocker.unblock(), connections["default"].schema_editor() as editor:
+                for model in reversed(models):
+                    editor.delete_model(model)
+
+
 def needs(module: str, reason: str) -> None:
     try:
         __import__(module)
@@ -452,9 +488,11 @@ def framework(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         if django.VERSION < (6, 0):
             pytest.skip("django-tasks-db's db_worker runs Django >= 6.0's django.tasks (tested on the Django 6.x leg)")
         needs("django_tasks_db", "django-tasks-db is not installed (requirements-dev.txt, Python >= 3.12)")
+        request.getfixturevalue("db_apps")
         fw = db_worker_framework()
     elif name == "qcluster":
         needs("django_q", "django-q2 is not installed (requirements-dev.txt)")
+        request.getfixturevalue("db_apps")
         fw = qcluster_framework()
     else:
         needs("django_dramatiq" if name == "dramatiq" else "huey", f"{name} is not installed (requirements-dev.txt)")

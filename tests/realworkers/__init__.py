@@ -18,6 +18,31 @@ import json
 import os
 from typing import Any
 
+#: The frameworks whose queue or results live in the database: their apps (and these settings) are
+#: installed in the worker processes and, for tests/test_adopt_real.py only, in the test process, whose
+#: test database then gets their tables. Not in tests/settings.py: their models' system checks would
+#: run (and query every database) in every test that runs ``manage.py check``.
+#: Django-Q2 with its ORM broker: one worker, never recycled (its default restarts a worker process
+#: every 500 tasks, which opens a new connection), no scheduler (it queries every 30 s), bulk fetches.
+Q_CLUSTER = {
+    "name": "freshconn-tests",
+    "orm": "default",
+    "workers": 1,
+    "recycle": 1_000_000,
+    "timeout": 30,
+    "retry": 60,
+    "max_attempts": 1,
+    "save_limit": 0,
+    "scheduler": False,
+    "catch_up": False,
+    "poll": 0.1,
+    "bulk": 20,
+    "log_level": "WARNING",
+}
+#: django-tasks-db: the database backend of Django >= 6.0's django.tasks.
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+DB_APPS = {"qcluster": "django_q", "db_worker": "django_tasks_db"}
+
 EVENTS_ENV = "FRESHCONN_TEST_EVENTS"
 STATS_DIR_ENV = "FRESHCONN_TEST_STATS_DIR"
 FRAMEWORK_ENV = "FRESHCONN_TEST_FRAMEWORK"

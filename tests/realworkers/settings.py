@@ -8,15 +8,20 @@ else no FRESHCONN setting), FRESHCONN_TEST_CONN_MAX_AGE ("none" or seconds; defa
 
 import os
 
+from tests import realworkers
 from tests.settings import *  # noqa: F403
 from tests.settings import DATABASES, INSTALLED_APPS
 
 FRAMEWORK = os.environ.get("FRESHCONN_TEST_FRAMEWORK", "")
 REDIS_URL = os.environ.get("FRESHCONN_TEST_REDIS_URL", "redis://127.0.0.1:1/0")
 
-# django_q and django_tasks_db are already in tests.settings (their tables must exist in the test database).
-_APPS = {"dramatiq": ["django_dramatiq"], "huey": ["huey.contrib.djhuey"]}
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.realworkers", *_APPS.get(FRAMEWORK, [])]
+_APPS = {"dramatiq": "django_dramatiq", "huey": "huey.contrib.djhuey", **realworkers.DB_APPS}
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.realworkers", *([_APPS[FRAMEWORK]] if FRAMEWORK in _APPS else [])]
+# Only for their own framework: Django 6 fails its system checks on a TASKS backend whose app is not installed.
+if FRAMEWORK == "qcluster":
+    Q_CLUSTER = realworkers.Q_CLUSTER
+if FRAMEWORK == "db_worker":
+    TASKS = realworkers.TASKS
 
 _max_age = os.environ.get("FRESHCONN_TEST_CONN_MAX_AGE", "0")
 DATABASES["default"]["CONN_MAX_AGE"] = None if _max_age == "none" else int(_max_age)

@@ -51,9 +51,14 @@ class HAProxy(Server):
                 f"    bind 127.0.0.1:{self.port}\n"
                 f"    server backend 127.0.0.1:{self.backend_port}\n"
             )
+        self._config = config
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start (or, after down(), restart) HAProxy on the same port with the same configuration."""
         binary = _which("haproxy", "/usr/sbin/haproxy")
         # -db: stay in the foreground, so self.proc is the process that serves (stopped by its PID).
-        self._spawn([binary, "-db", "-f", config], "haproxy.log")
+        self._spawn([binary, "-db", "-f", self._config], "haproxy.log")
 
 
 class PgBouncer(Server):
@@ -117,10 +122,15 @@ class PgBouncer(Server):
                 f.write(f"{key} = {value}\n")
         for name in (auth_file, config):
             os.chmod(name, 0o644)
+        self._config = config
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start (or, after down(), restart) PgBouncer on the same port with the same configuration."""
         binary = _which("pgbouncer", "/usr/sbin/pgbouncer")
-        cmd = [binary, config]
+        cmd = [binary, self._config]
         if os.geteuid() == 0:
-            cmd = [binary, "-u", "postgres", config]
+            cmd = [binary, "-u", "postgres", self._config]
         self._spawn(cmd, "pgbouncer.log")
 
     def log_text(self) -> str:

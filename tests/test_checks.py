@@ -6,6 +6,7 @@ from io import StringIO
 from typing import Any
 
 import pytest
+from django.core import checks as django_checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.test import override_settings
@@ -21,11 +22,17 @@ TIMEOUTS: dict[str, Any] = (
     if VENDOR == "mysql"
     else {"connect_timeout": 5, "keepalives_idle": 30, "tcp_user_timeout": 30000}
 )
+if DRIVER == "pymysql":
+    TIMEOUTS["ssl_disabled"] = True
 
 
 def ids(messages: list[Any], alias: str = "chk") -> list[str]:
     """The ids of the messages about ``alias`` (or global ones)."""
     return [m.id for m in messages if m.obj in (None, f"DATABASES[{alias!r}]")]
+
+
+def message(messages: list[Any], check_id: str) -> Any:
+    return next(m for m in messages if m.id == check_id)
 
 
 def settings_for(server: Server, **extra: Any) -> dict[str, Any]:
@@ -37,7 +44,7 @@ def test_e001_bad_freshconn_setting() -> None:
     with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": "5"}):
         messages = checks.check_settings()
     assert "freshconn.E001" in ids(messages)
-    assert "CHECK_AFTER_IDLE" in next(m.msg for m in messages if m.id == "freshconn.E001")
+    assert "CHECK_AFTER_IDLE" in message(messages, "freshconn.E001").msg
 
 
 def test_e002_bad_conn_max_age(server: Server) -> None:
@@ -51,13 +58,35 @@ def test_e003_zero_timeout(server: Server) -> None:
     with temp_alias("chk", settings_for(server, OPTIONS={**TIMEOUTS, "connect_timeout": 0})):
         messages = checks.check_settings()
     assert ids(messages) == ["freshconn.E003"]
-    assert "connect_timeout" in next(m.msg for m in messages if m.id == "freshconn.E003")
+    assert "connect_timeout is not above 0" in message(messages, "freshconn.E003").msg
 
 
-def test_w002_no_driver_timeouts_names_the_options(server: Server) -> None:
-    """An alias with no network timeout in OPTIONS gets W002 with the driver's option names in the hint."""
-    with temp_alias("chk", settings_for(server, OPTIONS={})):
-        warning = next(m for m in checks.check_settings() if m.id == "freshconn.W002")
+# (option, value, rejected by this driver at connect): measured on each driver.
+E003_CASES: list[tuple[str, Any, bool]] = {
+    "mysql": [
+        ("read_timeout", "30", True),  # a string fails in both MySQL drivers
+        ("read_timeout", 2.5, DRIVER == "mysqlclient"),  # mysqlclient takes ints only, PyMySQL floats too
+        ("connect_timeout", True, True),
+    ],
+    "postgresql": [
+        ("tcp_user_timeout", "30000", False),  # libpq parses digit strings
+        ("keepalives_idle", 2.5, True),  # ...but no floats
+        ("connect_timeout", True, True),
+    ],
+}[VENDOR]
+
+
+@pytest.mark.parametrize(("key", "value", "invalid"), E003_CASES)
+def test_e003_types_the_driver_rejects(server: Server, key: str, value: Any, invalid: bool) -> None:
+    """A timeout of a type this driver rejects at connect is E003, one it accepts is not."""
+    with temp_alias("chk", settings_for(server, OPTIONS={**TIMEOUTS, key: value})):
+        assert ("freshconn.E003" in ids(checks.check_settings())) is invalid
+
+
+def test_w002_no_read_timeout_names_the_options(server: Server) -> None:
+    """Only a connect_timeout (no read guard) is W002, with the driver's option names in the hint."""
+    with temp_alias("chk", settings_for(server, OPTIONS={"connect_timeout": 5})):
+        warning = message(checks.check_settings(), "freshconn.W002")
     expected = ("read_timeout", "write_timeout") if VENDOR == "mysql" else ("keepalives_idle", "tcp_user_timeout")
     assert all(name in warning.hint for name in (*expected, "connect_timeout"))
 
@@ -69,12 +98,35 @@ def test_clean_alias_has_no_messages(server: Server) -> None:
 
 
 def test_w001_check_after_idle_not_below_lifetime(server: Server) -> None:
-    """CHECK_AFTER_IDLE not below the lifetime is freshconn.W001."""
+    """CHECK_AFTER_IDLE not below the lifetime in units is freshconn.W001."""
     with (
         override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 10.0}),
         temp_alias("chk", settings_for(server, CONN_MAX_AGE=5)),
     ):
         assert ids(checks.check_settings()) == ["freshconn.W001"]
+
+
+def test_w006_new_connection_per_unit_is_about_freshconn_itself(server: Server) -> None:
+    """FRESHCONN['CONN_MAX_AGE'] = 0 is one W006 (no alias), whose hint says to remove it or use 1800."""
+    with override_settings(FRESHCONN={"CONN_MAX_AGE": 0}), temp_alias("chk", settings_for(server)):
+        messages = checks.check_settings()
+    warning = message(messages, "freshconn.W006")
+    assert ids(messages) == ["freshconn.W006"]
+    assert warning.obj is None
+    assert "Remove FRESHCONN['CONN_MAX_AGE']" in warning.hint
+    assert "1800" in warning.hint
+
+
+def test_i001_no_connect_timeout_is_an_info(server: Server) -> None:
+    """No connect_timeout is an Info (freshconn.I001), except for PyMySQL, whose default is 10 s."""
+    options = {k: v for k, v in TIMEOUTS.items() if k != "connect_timeout"}
+    with temp_alias("chk", settings_for(server, OPTIONS=options)):
+        messages = checks.check_settings()
+    if DRIVER == "pymysql":
+        assert ids(messages) == []
+    else:
+        assert ids(messages) == ["freshconn.I001"]
+        assert message(messages, "freshconn.I001").level == django_checks.INFO
 
 
 @pytest.mark.skipif(VENDOR != "postgresql", reason="Django's pool is PostgreSQL-only")
@@ -93,47 +145,59 @@ def test_server_checks_need_databases(server: Server) -> None:
 
 
 def test_w004_lifetime_above_server_idle_limit(server: Server) -> None:
-    """A lifetime above the server's idle limit is W004, with a CONN_MAX_AGE below the limit in the hint."""
+    """Django's CONN_MAX_AGE above the server's idle limit is W004, with a value below the limit in the hint."""
     options = {**TIMEOUTS, **short_server_timeout_options(20)}
     with temp_alias("chk", settings_for(server, CONN_MAX_AGE=None, OPTIONS=options)):
-        messages = checks.check_servers(databases=["chk"])
-    warning = next(m for m in messages if m.id == "freshconn.W004")
+        warning = message(checks.check_servers(databases=["chk"]), "freshconn.W004")
     assert "20s" in warning.msg
-    assert "at most 18" in warning.hint
+    assert "DATABASES['chk']['CONN_MAX_AGE'] to at most 18" in warning.hint
 
 
-def test_no_w004_when_lifetime_is_below_the_limit(server: Server) -> None:
-    """FRESHCONN's CONN_MAX_AGE override below the server's idle limit silences W004."""
-    options = {**TIMEOUTS, **short_server_timeout_options(20), "ssl_disabled": True}
-    if DRIVER != "pymysql":
-        options.pop("ssl_disabled")
+def test_w004_follows_djangos_conn_max_age_not_freshconns(server: Server) -> None:
+    """FRESHCONN's lifetime does not silence W004 (it is about code outside units); Django's own does."""
+    options = {**TIMEOUTS, **short_server_timeout_options(20)}
     with (
         override_settings(FRESHCONN={"CONN_MAX_AGE": 15}),
         temp_alias("chk", settings_for(server, CONN_MAX_AGE=None, OPTIONS=options)),
     ):
+        assert ids(checks.check_servers(databases=["chk"])) == ["freshconn.W004"]
+    with temp_alias("chk", settings_for(server, CONN_MAX_AGE=15, OPTIONS=options)):
         assert ids(checks.check_servers(databases=["chk"])) == []
 
 
-def test_e004_unreachable_without_password(server: Server) -> None:
-    """An unreachable server is E004, and the message never shows the password."""
+def test_e004_unreachable_reduced_to_its_kind(server: Server) -> None:
+    """An unreachable server is E004 with our own summary; the message never shows the password."""
     with temp_alias("chk", settings_for(server, PORT=str(free_port()), PASSWORD="Quokka-Secret-4471")):
         messages = checks.check_servers(databases=["chk"])
     assert ids(messages) == ["freshconn.E004"]
-    assert "Quokka-Secret-4471" not in messages[0].msg
+    assert "nothing" in messages[0].msg  # "nothing accepts/answered at that host and port"
+    assert "Quokka-Secret-4471" not in messages[0].msg + messages[0].hint
+
+
+@pytest.mark.skipif(VENDOR != "postgresql", reason="a libpq option")
+def test_e005_bad_libpq_option_is_a_settings_error(server: Server) -> None:
+    """``sslmode: 'bogus'`` is E005 naming OPTIONS['sslmode'], with no network advice."""
+    with temp_alias("chk", settings_for(server, OPTIONS={**TIMEOUTS, "sslmode": "bogus"})):
+        error = message(checks.check_servers(databases=["chk"]), "freshconn.E005")
+    assert "DATABASES['chk']['OPTIONS']['sslmode']" in error.hint
+    assert "firewall" not in error.hint
 
 
 @pytest.mark.skipif(DRIVER != "pymysql", reason="PyMySQL only")
 def test_w005_pymysql_tls_without_server_tls(server: Server) -> None:
     """PyMySQL without ssl options against a server with no TLS is W005; ssl_disabled silences it."""
-    with temp_alias("chk", settings_for(server)):
+    bare = {k: v for k, v in TIMEOUTS.items() if k != "ssl_disabled"}
+    with temp_alias("chk", settings_for(server, OPTIONS=bare)):
         assert "freshconn.W005" in ids(checks.check_servers(databases=["chk"]))
-    with temp_alias("chk", settings_for(server, OPTIONS={**TIMEOUTS, "ssl_disabled": True})):
+    with temp_alias("chk", settings_for(server)):
         assert "freshconn.W005" not in ids(checks.check_servers(databases=["chk"]))
 
 
 def test_call_command_check_reports_static_and_database_checks(live: None, server: Server) -> None:
     """``manage.py check`` shows W002; only ``check --database`` adds the server's W004."""
-    options = short_server_timeout_options(20)
+    options = {**short_server_timeout_options(20), "connect_timeout": 5, "ssl_disabled": True}
+    if DRIVER != "pymysql":
+        options.pop("ssl_disabled")
     with temp_alias("chk", settings_for(server, CONN_MAX_AGE=None, OPTIONS=options)):
         plain = StringIO()
         call_command("check", stdout=StringIO(), stderr=plain)

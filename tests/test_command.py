@@ -162,8 +162,7 @@ def test_start_up_line_shows_the_effective_policy_without_credentials(worker):
     assert w.finish() == 0, w.stderr()
     head = w.out[0]
     assert head.startswith("freshconn policy: CHECK_AFTER_IDLE=5s, RECONNECT_TIMEOUT=60s;")
-    expected_module = {"mysqlclient": "MySQLdb", "pymysql": "pymysql", "psycopg": "psycopg", "psycopg2": "psycopg2"}
-    assert f"default: {VENDOR} via {expected_module[DRIVER]}" in head
+    assert f"default: {VENDOR} via {DRIVER} " in head
     assert "CONN_MAX_AGE=1800s" in head
     assert PASSWORD not in "\n".join(w.out) + w.stderr()
     assert rows() == ["w1-end", "w1-start"]

@@ -156,3 +156,48 @@ def test_kill_between_units_reconnects_at_once_without_waiting(django_defaults):
     c = counters()
     assert c["reconnect_attempts"] == 1
     assert c["reconnect_waits"] == 0
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_a_wait_for_the_database_at_once(django_defaults, server):
+    """A SIGTERM handled by the program's own handler ends a unit's wait for a down server (ReconnectStopped)."""
+    import os
+    import signal
+
+    stopped: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    server.down()
+    sender = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    sender.start()
+    try:
+        with pytest.raises(freshconn.ReconnectStopped), freshconn.unit_of_work():
+            Order.objects.count()
+    finally:
+        sender.join()
+        signal.signal(signal.SIGTERM, previous)
+        server.up()
+    assert stopped == [signal.SIGTERM]  # the program's own handler ran first
+    # Far fewer attempts than a 60 s RECONNECT_TIMEOUT would make: the wait ended with the signal.
+    assert counters()["reconnect_attempts"] <= 8
+
+
+def test_stats_log_interval_logs_a_line_of_counters_from_unit_boundaries(dbconf, caplog):
+    """With STATS_LOG_INTERVAL, a running worker logs its counters periodically without any plumbing."""
+    from django.test import override_settings
+
+    from freshconn import _lifecycle
+
+    caplog.set_level(logging.INFO, logger="freshconn")
+    _lifecycle._next_stats_line = 0.0
+    with override_settings(FRESHCONN={"STATS_LOG_INTERVAL": 0.2}):
+        for _ in range(3):
+            with freshconn.unit_of_work():
+                Order.objects.count()
+            threading.Event().wait(0.25)
+        with freshconn.unit_of_work():
+            Order.objects.count()
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "reason", None) == "stats"]
+    assert lines
+    assert any("units=" in line and "connects=" in line for line in lines)

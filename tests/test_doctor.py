@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import StringIO
@@ -15,11 +13,11 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 from testbed.proxies import HAProxy, PgBouncer
-from testbed.servers import MariaDB, PostgreSQL, Server, free_port
+from testbed.servers import Server, free_port
 
-from freshconn import _audit, _inspect
+from freshconn import _inspect
 
-from .conftest import DRIVER, ROOT, VENDOR, short_server_timeout_options, subprocess_env
+from .conftest import DRIVER, VENDOR, short_server_timeout_options
 from .tempalias import temp_alias
 
 pytestmark = pytest.mark.server
@@ -33,15 +31,15 @@ if DRIVER == "pymysql":
     TIMEOUTS["ssl_disabled"] = True
 
 
-def doctor(*args: str) -> tuple[int, str, str]:
+def doctor(*args: str, stderr: Any = None) -> tuple[int, str, str]:
     """Run the command in-process: (exit code, stdout, stderr)."""
-    out, err = StringIO(), StringIO()
+    out, err = StringIO(), stderr or StringIO()
     try:
         call_command("freshconn", "doctor", *args, stdout=out, stderr=err)
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
+    return code, out.getvalue(), err.getvalue() if isinstance(err, StringIO) else ""
 
 
 def doctor_json(*args: str) -> tuple[int, dict[str, Any]]:
@@ -49,9 +47,16 @@ def doctor_json(*args: str) -> tuple[int, dict[str, Any]]:
     return code, json.loads(out)
 
 
+def database(data: dict[str, Any], alias: str = "doc") -> dict[str, Any]:
+    return next(d for d in data["databases"] if d["alias"] == alias)
+
+
 def verdict_ids(data: dict[str, Any], alias: str = "doc") -> dict[str, str]:
-    db = next(d for d in data["databases"] if d["alias"] == alias)
-    return {v["id"]: v["severity"] for v in db["verdicts"]}
+    return {v["id"]: v["severity"] for v in database(data, alias)["verdicts"]}
+
+
+def verdict(data: dict[str, Any], doctor_id: str, alias: str = "doc") -> dict[str, Any]:
+    return next(v for v in database(data, alias)["verdicts"] if v["id"] == doctor_id)
 
 
 @contextmanager
@@ -62,32 +67,80 @@ def alias(server: Server, name: str = "doc", **extra: Any) -> Iterator[str]:
         yield name
 
 
-def test_healthy_alias_exits_zero_even_with_notes(server: Server) -> None:
-    """Timeouts set and CONN_MAX_AGE=0: only a note (connect cost per unit), exit code 0."""
-    with alias(server, CONN_MAX_AGE=0):
+def test_healthy_alias_exits_zero(server: Server) -> None:
+    """Timeouts set and a lifetime below every limit: nothing to fix, status ok, exit code 0."""
+    with alias(server):
+        code, out, _ = doctor("--database", "doc")
+        _, data = doctor_json("--database", "doc")
+    assert verdict_ids(data) == {}
+    assert "  ok       nothing to fix" in out
+    assert "connection lifetime 60s (CONN_MAX_AGE)" in out
+    assert (code, data["status"], data["exit_code"]) == (0, "ok", 0)
+
+
+def test_notes_alone_exit_zero(server: Server) -> None:
+    """A server that kills sessions idle inside a transaction gets a note only, and exit code 0."""
+    setting = (
+        {"init_command": "SET SESSION idle_transaction_timeout = 60"}
+        if VENDOR == "mysql"
+        else {"options": "-c idle_in_transaction_session_timeout=60000"}
+    )
+    with alias(server, OPTIONS={**TIMEOUTS, **setting}):
         code, data = doctor_json("--database", "doc")
-    assert verdict_ids(data) == {"new-connection-per-unit": "note"}
+    assert verdict_ids(data) == {"idle-in-transaction-limit": "note"}
+    assert verdict(data, "idle-in-transaction-limit")["check_id"] == "freshconn.I003"
     assert code == 0
-    assert data["status"] == "ok"
 
 
 def test_lifetime_above_server_idle_limit(server: Server) -> None:
-    """CONN_MAX_AGE=None against a server dropping sessions idle 20 s: warning, a fix below 20 s, exit 1."""
+    """Django's CONN_MAX_AGE=None against a server dropping sessions idle 20 s: W004, a fix below 20 s, exit 1."""
     with alias(server, CONN_MAX_AGE=None, OPTIONS={**TIMEOUTS, **short_server_timeout_options(20)}):
         code, data = doctor_json("--database", "doc")
-    db = data["databases"][0]
+    found = verdict(data, "lifetime-above-idle-limit")
     assert verdict_ids(data) == {"lifetime-above-idle-limit": "warning"}
-    assert db["server"]["idle_limit"] == 20
-    assert "at most 18" in db["verdicts"][0]["fix"]
+    assert found["check_id"] == "freshconn.W004"
+    assert database(data)["server"]["idle_limit"] == 20
+    assert "DATABASES['doc']['CONN_MAX_AGE'] to at most 18" in found["fix"]
+    assert code == 1
+
+
+def test_idle_limit_finding_judges_djangos_own_conn_max_age(server: Server) -> None:
+    """W004 is about code outside units: FRESHCONN's lifetime cannot fix it, Django's CONN_MAX_AGE can."""
+    options = {**TIMEOUTS, **short_server_timeout_options(20)}
+    with override_settings(FRESHCONN={"CONN_MAX_AGE": 15}), alias(server, CONN_MAX_AGE=None, OPTIONS=options):
+        _, data = doctor_json("--database", "doc")
+    assert "lifetime-above-idle-limit" in verdict_ids(data)
+    assert database(data)["lifetime"] == 15
+    for outside in (0, 15):  # closed at every request, or retired before the server's limit
+        with alias(server, CONN_MAX_AGE=outside, OPTIONS=options):
+            _, data = doctor_json("--database", "doc")
+        assert "lifetime-above-idle-limit" not in verdict_ids(data)
+
+
+def test_three_second_server_limit_gets_concrete_advice(server: Server) -> None:
+    """A 3 s server limit gets 'at most 2', and a lifetime of 0 in units the advice 1800, never 'a few minutes'."""
+    options = {**TIMEOUTS, **short_server_timeout_options(3)}
+    with override_settings(FRESHCONN={"CONN_MAX_AGE": 0}), alias(server, CONN_MAX_AGE=600, OPTIONS=options):
+        code, out, _ = doctor("--database", "doc")
+        _, data = doctor_json("--database", "doc")
+    assert "at most 2," in verdict(data, "lifetime-above-idle-limit")["fix"]
+    per_unit = data["freshconn"]["verdicts"]
+    assert [(v["id"], v["check_id"], v["severity"]) for v in per_unit] == [
+        ("new-connection-per-unit", "freshconn.W006", "warning")
+    ]
+    assert "Remove FRESHCONN['CONN_MAX_AGE']" in per_unit[0]["fix"]
+    assert "1800" in per_unit[0]["fix"]
+    assert "few minutes" not in out
     assert code == 1
 
 
 def test_no_read_timeout(server: Server) -> None:
-    """No driver timeouts in OPTIONS: the no-read-timeout warning names the options to set."""
+    """No driver timeouts in OPTIONS: the no-read-timeout warning (W002) names the options to set."""
     with alias(server, OPTIONS={"ssl_disabled": True} if DRIVER == "pymysql" else {}):
         _, data = doctor_json("--database", "doc")
-    fix = next(v["fix"] for v in data["databases"][0]["verdicts"] if v["id"] == "no-read-timeout")
-    assert ("read_timeout" if VENDOR == "mysql" else "tcp_user_timeout") in fix
+    found = verdict(data, "no-read-timeout")
+    assert found["check_id"] == "freshconn.W002"
+    assert ("read_timeout" if VENDOR == "mysql" else "tcp_user_timeout") in found["fix"]
     assert "no-connect-timeout" in verdict_ids(data) or DRIVER == "pymysql"
 
 
@@ -98,7 +151,7 @@ def test_pymysql_tls_cost_against_a_server_without_tls(server: Server) -> None:
     with alias(server, OPTIONS=bare):
         _, data = doctor_json("--database", "doc")
     assert verdict_ids(data) == {"pymysql-tls-per-connect": "warning"}
-    assert data["databases"][0]["server"]["tls"] is False
+    assert database(data)["server"]["tls"] is False
 
 
 @pytest.mark.skipif(DRIVER != "psycopg" or django.VERSION < (5, 1), reason="Django >= 5.1 pool on psycopg 3")
@@ -109,7 +162,7 @@ def test_pool_without_check(server: Server) -> None:
     with alias(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, "pool": {"min_size": 1}}):
         _, data = doctor_json("--database", "doc")
     assert verdict_ids(data)["pool-without-check"] == "warning"
-    assert data["databases"][0]["django"] | {"timeouts": None} == {
+    assert database(data)["django"] | {"timeouts": None} == {
         "CONN_MAX_AGE": 0,
         "CONN_HEALTH_CHECKS": False,
         "pool": True,
@@ -125,32 +178,19 @@ def test_pool_without_check(server: Server) -> None:
 @pytest.mark.skipif(VENDOR != "mysql", reason="max_connections can change at run time on MariaDB only")
 def test_connections_nearly_exhausted(server: Server) -> None:
     """With 8 of max_connections=10 in use, the doctor warns before reconnects start being refused."""
-    before = server.admin_sql("SELECT @@GLOBAL.max_connections").strip()
+    before = server.admin_sql("SELECT @@GLOBAL.max_connections").strip()  # type: ignore[attr-defined]
     held: list[Any] = []
     with alias(server):
         try:
-            server.admin_sql("SET GLOBAL max_connections = 10")
-            while int(server.admin_sql("SHOW STATUS LIKE 'Threads_connected'").split()[1]) < 8:
+            server.admin_sql("SET GLOBAL max_connections = 10")  # type: ignore[attr-defined]
+            while int(server.admin_sql("SHOW STATUS LIKE 'Threads_connected'").split()[1]) < 8:  # type: ignore[attr-defined]
                 held.append(_inspect.open_raw("doc"))
             _, data = doctor_json("--database", "doc")
         finally:
             for raw in held:
                 raw.close()
-            server.admin_sql(f"SET GLOBAL max_connections = {before}")
+            server.admin_sql(f"SET GLOBAL max_connections = {before}")  # type: ignore[attr-defined]
     assert verdict_ids(data) == {"connections-nearly-exhausted": "warning"}
-
-
-def test_idle_in_transaction_limit_note(server: Server) -> None:
-    """A server that kills sessions idle inside a transaction gets a note telling to keep transactions short."""
-    setting = (
-        {"init_command": "SET SESSION idle_transaction_timeout = 60"}
-        if VENDOR == "mysql"
-        else {"options": "-c idle_in_transaction_session_timeout=60000"}
-    )
-    with alias(server, OPTIONS={**TIMEOUTS, **setting}):
-        code, data = doctor_json("--database", "doc")
-    assert verdict_ids(data) == {"idle-in-transaction-limit": "note"}
-    assert code == 0
 
 
 @pytest.mark.skipif(VENDOR != "postgresql", reason="PgBouncer fronts PostgreSQL")
@@ -158,7 +198,7 @@ def test_pgbouncer_in_path(server: Server) -> None:
     """Through PgBouncer the server listens on another port: a proxy-in-path note suggests --probe-idle."""
     with PgBouncer(server.port) as bouncer, alias(server, PORT=str(bouncer.port)):
         _, data = doctor_json("--database", "doc")
-    db = data["databases"][0]
+    db = database(data)
     assert verdict_ids(data) == {"proxy-in-path": "note"}
     assert db["target"]["port"] == bouncer.port
     assert db["server"]["port"] == server.port
@@ -169,7 +209,7 @@ def test_probe_finds_a_proxy_limit_the_server_does_not_know(server: Server) -> N
     """Through HAProxy (idle 2 s) to a server with hours of idle limit, the probe brackets 2 s and warns."""
     with HAProxy(server.port, idle_timeout=2) as proxy, alias(server, PORT=str(proxy.port)):
         code, data = doctor_json("--database", "doc", "--probe-idle", "8")
-    db = data["databases"][0]
+    db = database(data)
     probe = db["probe"]
     assert db["server"]["idle_limit"] is None or db["server"]["idle_limit"] >= 3600
     assert probe["limit_found"] is True
@@ -179,17 +219,6 @@ def test_probe_finds_a_proxy_limit_the_server_does_not_know(server: Server) -> N
     assert code == 1
 
 
-def test_probe_progress_bar_on_stderr_for_text(server: Server) -> None:
-    """``--probe-idle`` in text format draws a progress bar on stderr and reports what survived."""
-    with alias(server):
-        code, out, err = doctor("--database", "doc", "--probe-idle", "1")
-    assert "probing idle limit [" in err
-    assert "100%" in err
-    assert "all survived up to 1s" in out
-    assert "note[idle-limit-measured]" in out
-    assert code == 0
-
-
 def test_json_shape(server: Server) -> None:
     """The JSON report has the documented keys and types (schema freshconn.doctor/1)."""
     with alias(server, CONN_MAX_AGE=None, OPTIONS={**TIMEOUTS, **short_server_timeout_options(20)}):
@@ -197,129 +226,71 @@ def test_json_shape(server: Server) -> None:
     assert data["schema"] == "freshconn.doctor/1"
     assert set(data) == {"schema", "status", "exit_code", "summary", "freshconn", "databases"}
     assert data["summary"] == {"errors": 0, "warnings": 1, "notes": 0}
+    assert set(data["freshconn"]) == {"version", "settings", "error", "verdicts"}
+    settings = "CHECK_AFTER_IDLE CONN_MAX_AGE CONN_MAX_AGE_set PING_TIMEOUT RECONNECT_TIMEOUT"
     assert set(data["freshconn"]["settings"]) == {
-        "CHECK_AFTER_IDLE",
-        "CONN_MAX_AGE",
-        "CONN_MAX_AGE_set",
-        "PING_TIMEOUT",
-        "RECONNECT_TIMEOUT",
+        *settings.split(),
+        "ADOPT_CLOSE_OLD_CONNECTIONS",
+        "STATS_LOG_INTERVAL",
     }
     doc, lite = data["databases"]
-    assert set(doc) == {
-        "alias",
-        "vendor",
-        "engine",
-        "driver",
-        "target",
-        "reachable",
-        "error",
-        "server",
-        "django",
-        "lifetime",
-        "probe",
-        "verdicts",
-    }
+    keys = "alias vendor engine driver target reachable error error_kind error_code server django lifetime"
+    assert set(doc) == {*keys.split(), "lifetime_source", "probe", "verdicts"}
     assert doc["driver"]["name"] == DRIVER
-    assert set(doc["server"]) == {
-        "product",
-        "version",
-        "port",
-        "tls",
-        "connect_ms",
-        "idle_limit",
-        "max_connections",
-        "connections_used",
-        "limits",
-    }
+    assert (doc["lifetime"], doc["lifetime_source"]) == (1800, "default")
+    server_keys = "product version port tls connect_ms idle_limit max_connections connections_used limits"
+    assert set(doc["server"]) == set(server_keys.split())
     limits = {"mysql": {"wait_timeout", "net_read_timeout", "max_allowed_packet"}, "postgresql": {"tcp_user_timeout"}}
     assert limits[VENDOR] <= set(doc["server"]["limits"])
-    assert all(set(v) == {"id", "severity", "message", "fix"} for v in doc["verdicts"])
+    assert all(set(v) == {"id", "check_id", "severity", "message", "fix"} for v in doc["verdicts"])
     assert (lite["vendor"], lite["reachable"], lite["server"], lite["verdicts"]) == ("sqlite", None, None, [])
 
 
-def test_unreachable_is_exit_two(server: Server) -> None:
-    """A database nobody listens for is an 'unreachable' error and exit code 2."""
+def test_unreachable_is_exit_two_with_network_advice(server: Server) -> None:
+    """A database nobody listens for is E004 'unreachable', reduced to its kind, with HOST/PORT advice; exit 2."""
     with alias(server, PORT=str(free_port())):
         code, data = doctor_json("--database", "doc")
+    found = verdict(data, "unreachable")
+    db = database(data)
     assert verdict_ids(data) == {"unreachable": "error"}
-    assert data["databases"][0]["reachable"] is False
+    assert (db["reachable"], db["error_kind"]) in ((False, "connection_refused"), (False, "cannot_connect"))
+    assert "['HOST'] and ['PORT']" in found["fix"]
+    assert code == 2
+
+
+def test_wrong_password_gets_credentials_advice(server: Server) -> None:
+    """A rejected password is 'authentication_failed' with its code, and the fix names USER and PASSWORD."""
+    with alias(server, PASSWORD="not-the-password"):
+        code, data = doctor_json("--database", "doc")
+    db = database(data)
+    assert db["error_kind"] == "authentication_failed"
+    assert db["error_code"] == ("1045" if VENDOR == "mysql" else None)
+    fix = verdict(data, "unreachable")["fix"]
+    assert "['USER']" in fix
+    assert "['PASSWORD']" in fix
+    assert "firewall" not in fix
     assert code == 2
 
 
 def test_invalid_freshconn_settings_is_exit_two(server: Server) -> None:
-    """A broken FRESHCONN setting is reported as settings-invalid and exit code 2."""
+    """A broken FRESHCONN setting is E001 'settings-invalid', naming the key; exit code 2."""
     with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": -1}), alias(server):
         code, out, _ = doctor("--database", "doc")
-    assert "error[settings-invalid]" in out
+        _, data = doctor_json("--database", "doc")
+    assert "error[settings-invalid] (freshconn.E001) FRESHCONN['CHECK_AFTER_IDLE']" in out
+    assert "CHECK_AFTER_IDLE" in data["freshconn"]["error"]
+    assert data["freshconn"]["verdicts"][0]["id"] == "settings-invalid"
+    assert database(data)["lifetime_source"] is None
     assert code == 2
 
 
-def test_exit_codes_of_the_real_command(server: Server) -> None:
-    """As a real process: 0 for a healthy alias, 1 with warnings, 2 when the server is unreachable."""
+def test_one_name_per_driver_in_every_output(server: Server) -> None:
+    """The doctor, the checks and WorkerCommand's start-up line name the driver the same way."""
+    from freshconn.command import policy_summary
 
-    def run(*args: str, **env: str) -> int:
-        cmd = [sys.executable, "-m", "django", "freshconn", "doctor", *args]
-        full = subprocess_env()
-        full.update({"FRESHCONN_TEST_DB_PORT": str(server.port), "FRESHCONN_TEST_DB_NAME": "freshconn", **env})
-        return subprocess.run(cmd, check=False, env=full, cwd=ROOT, capture_output=True, timeout=60).returncode
-
-    assert run("--database", "lite") == 0
-    assert run("--database", "default") == 1  # the test settings set no driver timeouts
-    assert run("--database", "default", FRESHCONN_TEST_DB_PORT=str(free_port())) == 2
-
-
-@pytest.fixture
-def secret_user(server: Server) -> Iterator[tuple[str, str]]:
-    """A server account whose password is distinctive enough to search for in output."""
-    user, password = "zebra", "Zebra-Pw-5f3a91c"
-    if isinstance(server, MariaDB):
-        server.admin_sql(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'; GRANT ALL ON *.* TO '{user}'@'%';")
-        yield user, password
-        server.admin_sql(f"DROP USER '{user}'@'%'")
-    else:
-        assert isinstance(server, PostgreSQL)
-        server.admin_sql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-        yield user, password
-        server.admin_sql(f"DROP ROLE {user}")
-
-
-def test_no_credential_in_any_output(server: Server, secret_user: tuple[str, str]) -> None:
-    """Passwords in settings and OPTIONS appear in no output: text, JSON, errors, progress bar."""
-    user, password = secret_user
-    option_secret, wrong = "Okapi-Opt-7b2e4d", "Wrong-Pw-19d2ee"
-    with (
-        alias(server, "ok", USER=user, PASSWORD=password),
-        alias(server, "bad", PASSWORD=wrong, OPTIONS={**TIMEOUTS, "password": wrong}),
-        alias(
-            server, "gone", PORT=str(free_port()), PASSWORD=password, OPTIONS={**TIMEOUTS, "passfile": option_secret}
-        ),
-    ):
-        outputs = [
-            *doctor("--database", "ok", "--database", "bad", "--database", "gone")[1:],
-            *doctor("--format", "json", "--database", "ok", "--database", "bad", "--database", "gone")[1:],
-            *doctor("--database", "ok", "--probe-idle", "1")[1:],
-        ]
-    text = "\n".join(outputs)
-    assert "error[unreachable]" in text  # the failures were really reported...
-    assert f"\nok  {'MariaDB' if VENDOR == 'mysql' else 'PostgreSQL'} " in text
-    for secret in (password, option_secret, wrong):  # ...without a single credential
-        assert secret not in text
-
-
-def test_scrub_masks_dsn_and_key_value_passwords() -> None:
-    """Driver messages with an unknown password (DSN or key=value) are masked too."""
-    text = "failed: postgresql://app:hunter2@db/x password=hunter3 pwd='hunter 4'"
-    scrubbed = _audit.scrub(text, set())
-    assert "hunter" not in scrubbed
-    assert "postgresql://app:********@db/x" in scrubbed
-
-
-def test_secrets_of_collects_every_credential_in_settings() -> None:
-    """PASSWORD and password-like OPTIONS (nested too) are the secrets scrubbed from every output."""
-    settings = {
-        "PASSWORD": "pw-one",
-        "OPTIONS": {"password": "pw-two", "ssl": {"key_password": "pw-three"}, "read_timeout": 30, "sslmode": "off"},
-    }
-    secrets = _audit.secrets_of(settings)
-    assert secrets == {"pw-one", "pw-two", "pw-three"}
-    assert _audit.scrub("auth pw-two failed for pw-one", secrets) == "auth ******** failed for ********"
+    with alias(server, OPTIONS={}):
+        _, data = doctor_json("--database", "doc")
+        line = policy_summary("doc")
+    assert database(data)["driver"]["name"] == DRIVER
+    assert f"via {DRIVER} " in line
+    assert "MySQLdb" not in line + json.dumps(data)

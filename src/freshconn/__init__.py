@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _adopt  # noqa: F401 - registers the close_old_connections() step before any connection
 from ._aliases import Using
 from ._async import AsyncUnitOfWork, aeach, aunit_of_work
 from ._errors import AmbiguousCommitError, ReconnectStopped, is_disconnect

@@ -23,11 +23,11 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from django.core.signals import request_finished, request_started
+from django.core.signals import request_finished, request_started, setting_changed
 from django.db import close_old_connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from . import _django, _lifecycle, conf
+from . import _django, _lifecycle, _state, conf
 from ._aliases import is_server_vendor
 from ._units import in_unit
 
@@ -70,3 +70,13 @@ def rewire_requests(**kwargs: Any) -> None:
             signal.connect(request_boundary, dispatch_uid="freshconn.request_boundary")
         elif signal.disconnect(dispatch_uid="freshconn.request_boundary"):
             signal.connect(close_old_connections)
+
+
+def _on_wire() -> None:
+    setting_changed.connect(rewire_requests, dispatch_uid="freshconn.adopt.rewire")
+    rewire_requests()
+
+
+# Registered at import (the package imports this module), before any connection is managed.
+_state.on_register.append(install)
+_state.on_wire.append(_on_wire)

@@ -45,7 +45,7 @@ def _check_known(aliases: frozenset[str], what: str) -> None:
         )
 
 
-_validated: set[frozenset[str]] = set()
+validated: set[frozenset[str]] = set()
 
 
 def scope_of(using: Any, what: str = "unit_of_work(using=...)") -> Scope:
@@ -68,15 +68,15 @@ def scope_of(using: Any, what: str = "unit_of_work(using=...)") -> Scope:
         aliases = frozenset(items)
     _check_known(aliases, what)
     if settings.configured:
-        _validated.add(aliases)
+        validated.add(aliases)
     return aliases
 
 
 def ensure_known(scope: Scope, what: str = "unit_of_work(using=...)") -> None:
     """At a unit's first run: the aliases of a scope built before settings were configured exist."""
-    if scope is not None and scope not in _validated:
+    if scope is not None and scope not in validated:
         _check_known(scope, what)
-        _validated.add(scope)
+        validated.add(scope)
 
 
 _server_cache: dict[Scope, tuple[str, ...]] = {}
@@ -104,4 +104,4 @@ def reset_caches(**kwargs: Any) -> None:
     """Forget per-settings caches (connected to Django's ``setting_changed``)."""
     if kwargs.get("setting") in (None, "DATABASES"):
         _server_cache.clear()
-        _validated.clear()
+        validated.clear()

@@ -14,6 +14,9 @@ from typing import Any
 
 from django.db import connections
 
+from . import _audit
+from ._redact import ParamsError
+
 __all__ = ["ServerFacts", "inspect", "open_raw", "raw_connection"]
 
 # The doctor's own connections must never hang on a dead network, whatever the alias sets.
@@ -66,16 +69,28 @@ class ServerFacts:
 
 
 def open_raw(alias: str, extra_options: dict[str, Any] | None = None) -> Any:
-    """A new raw autocommit connection with the alias's settings (no pool), guarded by short timeouts."""
+    """A new raw autocommit connection with the alias's settings (no pool), guarded by short timeouts.
+
+    Raises ``ParamsError`` (from Django's error) when the settings cannot even be turned into driver
+    parameters, else the driver's own error.
+    """
     base = connections[alias]
     settings_dict = dict(base.settings_dict)
     options = {k: v for k, v in (settings_dict.get("OPTIONS") or {}).items() if k != "pool"}
+    # An invalid timeout (freshconn.E003) is reported as such: the doctor's own connection must neither
+    # fail on it (that would read as "unreachable") nor wait forever because of a 0.
+    for key in _audit.invalid_timeouts(_audit.driver_name(alias), base.vendor, options):
+        del options[key]
     for key, value in _DEFAULT_GUARDS.get(base.vendor, {}).items():
         options.setdefault(key, value)
     options.update(extra_options or {})
     settings_dict["OPTIONS"] = options
     wrapper = type(base)(settings_dict, alias)
-    raw = wrapper.get_new_connection(wrapper.get_connection_params())
+    try:
+        params = wrapper.get_connection_params()
+    except Exception as exc:
+        raise ParamsError() from exc
+    raw = wrapper.get_new_connection(params)
     # Autocommit: an idle session must be plain idle, not "idle in transaction" (another limit).
     try:
         if base.vendor == "mysql":

@@ -22,6 +22,7 @@ __all__ = ["begin", "boundary", "end"]
 logger = logging.getLogger("freshconn")
 
 _monotonic = time.monotonic
+_thread = local()
 _warned_atomic = False
 _next_stats_line = 0.0
 
@@ -103,12 +104,12 @@ def _busy(conn: BaseDatabaseWrapper, now: float) -> bool:
     )
 
 
-def begin(scope: Scope, *, count: bool = True) -> None:
+def begin(scope: Scope, count: bool = True) -> None:
     """Start-of-unit checks for every open connection in scope, in the current thread."""
     cfg = conf._current or conf.get()
     if count:
         _stats.count_unit(scope)
-    thread = local()
+    thread = _thread
     if not thread.seeded:
         seed()
     now = _monotonic()
@@ -153,17 +154,35 @@ def _end_one(conn: BaseDatabaseWrapper, now: float, disconnect: bool, interrupte
         return True
     elif now >= state.deadline:
         discard(conn, "max_age")
-    elif conn.autocommit != conn.settings_dict["AUTOCOMMIT"]:
+    elif conn.autocommit != state.autocommit:
         discard(conn, "autocommit")
     return False
 
 
 def end(scope: Scope, exc: BaseException | None) -> None:
     """End-of-unit steps: drop what an error or interruption broke, enforce the lifetime."""
-    disconnect = exc is not None and is_disconnect(exc)
+    if exc is None:
+        now = _monotonic()
+        for alias, conn in _thread.wrappers.items():
+            raw = conn.connection
+            if raw is None or (scope is not None and alias not in scope) or conn.in_atomic_block:
+                continue
+            state: ConnState | None = getattr(conn, STATE_ATTR, None)
+            if (
+                state is not None
+                and state.raw is raw
+                and not conn.errors_occurred
+                and not state.interrupted
+                and now < state.deadline
+                and conn.autocommit == state.autocommit
+            ):
+                continue  # the common case: nothing to do
+            _end_one(conn, now, False, False)
+        return
+    disconnect = is_disconnect(exc)
     failed = failed_alias(exc) if disconnect else None
-    interrupted = interrupted_alias(exc) if exc is not None and not disconnect else None
-    thread = local()
+    interrupted = interrupted_alias(exc) if not disconnect else None
+    thread = _thread
     now = _monotonic()
     flagged = False
     for alias, conn in thread.wrappers.items():

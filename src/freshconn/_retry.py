@@ -90,7 +90,7 @@ def run(
         # Nested in another unit, each attempt acts on its own (the caller has no transaction open);
         # the first one skips the start checks the enclosing unit has just run.
         handle = _open(scope, tracking=True, acting=nested, checks=not (nested and attempt == 0))
-        tracker = handle.tracker
+        tracker = handle.record()
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
@@ -105,7 +105,6 @@ def run(
             if isinstance(exc, ReconnectStopped):
                 _refuse(func, alias, _policy.UNSAFE_STOPPING)
                 raise
-            assert tracker is not None
             ok, why = _policy.retry_verdict(
                 idempotent=idempotent,
                 commit_in_flight=tracker.commit_in_flight is not None,

@@ -47,6 +47,7 @@ class ConnState:
     __slots__ = (
         "__weakref__",
         "alias",
+        "autocommit",
         "backend_id",
         "check_at",
         "deadline",
@@ -77,6 +78,7 @@ class ConnState:
         # of that transaction failed with a disconnect (so the server rolls it back).
         self.tx_dirty = False
         self.tx_lost = False
+        self.autocommit = True
         try:
             self.backend_id: int | None = driver.backend_id(raw)
         except Exception:  # noqa: BLE001 - only AmbiguousCommitError.wait_until_settled needs it
@@ -106,11 +108,9 @@ class ConnState:
 class Tracker:
     """What one unit (or one attempt of a retrying unit) did, as seen by the statement hook."""
 
-    __slots__ = ("applied", "commit_in_flight", "statement_errors", "tracking", "tx_states", "write_in_flight")
+    __slots__ = ("applied", "commit_in_flight", "statement_errors", "tx_states", "write_in_flight")
 
-    def __init__(self, tracking: bool) -> None:
-        #: Classify autocommit statements too (retrying units: a completed write forbids a retry).
-        self.tracking = tracking
+    def __init__(self) -> None:
         self.applied = False
         self.write_in_flight = False
         self.commit_in_flight: str | None = None
@@ -161,7 +161,8 @@ class _Thread(threading.local):
 
     seeded = False
     async_open = 0
-    tracker: Tracker | None = None
+    #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
+    active: Any = None
 
     def __init__(self) -> None:
         self.wrappers: dict[str, BaseDatabaseWrapper] = {}
@@ -173,6 +174,29 @@ _local = _Thread()
 _all_states: weakref.WeakSet[ConnState] = weakref.WeakSet()
 #: Called with each wrapper freshconn starts managing (freshconn._adopt installs its step there).
 on_register: list[Callable[[BaseDatabaseWrapper], None]] = []
+#: Called once when freshconn is wired to Django (freshconn._adopt connects its settings receiver).
+on_wire: list[Callable[[], None]] = []
+wired = False
+
+
+def wire() -> None:
+    """Connect freshconn's receivers (idempotent); AppConfig.ready() calls it, and so does the first unit."""
+    global wired
+    if wired:
+        return
+    wired = True
+    from django.core.signals import setting_changed
+    from django.db.backends.signals import connection_created
+
+    from . import _aliases
+
+    connection_created.connect(on_connection_created, dispatch_uid="freshconn.connection_created")
+    # In this order: the configuration is re-read before anything that reads it.
+    setting_changed.connect(conf.reset, dispatch_uid="freshconn.conf.reset")
+    setting_changed.connect(_aliases.reset_caches, dispatch_uid="freshconn.aliases.reset")
+    setting_changed.connect(reconfigure, dispatch_uid="freshconn.state.reconfigure")
+    for hook in on_wire:
+        hook()
 
 
 def local() -> _Thread:
@@ -197,6 +221,7 @@ def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
                 type(exc).__name__,
                 extra={"alias": conn.alias, "reason": "idle_limit_unknown"},
             )
+    state.autocommit = bool(conn.settings_dict["AUTOCOMMIT"])
     state.configure(cfg, conn.settings_dict)
     setattr(conn, STATE_ATTR, state)
     _all_states.add(state)
@@ -283,7 +308,7 @@ def _track(conn: BaseDatabaseWrapper, state: ConnState | None, sql: str, tracker
         tracker.applied = True
 
 
-def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, tracker: Tracker | None) -> None:
+def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any) -> None:
     state: ConnState | None = getattr(conn, STATE_ATTR, None)
     if not is_database_error(exc):
         # An exception raised while the statement was in flight (a time limit, SIGALRM, Ctrl-C): the
@@ -292,8 +317,9 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, tracker: Tr
             state.interrupted = True
         conn.errors_occurred = True
         return
-    if tracker is None:
+    if active is None:
         return
+    tracker: Tracker = active.record()
     tracker.statement_errors.append(exc)
     if not is_disconnect(exc):
         return
@@ -311,11 +337,11 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, tracker: Tr
 def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]) -> Any:
     """Django execute wrapper on every managed connection: last use, interruptions, the unit's writes."""
     conn = context["connection"]
-    tracker = _local.tracker
+    active = _local.active
     try:
         result = execute(sql, params, many, context)
     except BaseException as exc:
-        _failed(conn, sql, exc, tracker)
+        _failed(conn, sql, exc, active)
         raise
     state: ConnState | None = getattr(conn, STATE_ATTR, None)
     if state is not None:
@@ -323,8 +349,8 @@ def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: boo
         state.last_used = now
         until = now + state.window
         state.check_at = until if until < state.deadline else state.deadline
-    if tracker is not None and (tracker.tracking or conn.in_atomic_block):
-        _track(conn, state, sql, tracker)
+    if active is not None and (active.tracking or conn.in_atomic_block):
+        _track(conn, state, sql, active.record())
     return result
 
 

@@ -11,7 +11,10 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from . import _aliases, _retry
 from ._aliases import Scope, Using
+from ._state import local
 from ._units import UnitHandle, _open, close
+
+_thread = local()
 
 __all__ = ["UnitOfWork", "Using", "each", "unit_of_work"]
 
@@ -57,8 +60,10 @@ class UnitOfWork:
                 "unit_of_work(retries=...) needs the decorator form: a with block cannot be run again. "
                 "Move the block into a function decorated with @unit_of_work(retries=N)."
             )
-        _aliases.ensure_known(self.scope)
-        _open(self.scope, owner=self)
+        scope = self.scope
+        if scope is not None and scope not in _aliases.validated:
+            _aliases.ensure_known(scope)
+        _open(scope, self)
         return self
 
     def __exit__(
@@ -67,9 +72,7 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from ._state import local
-
-        stack = local().stack
+        stack = _thread.stack
         # The innermost handle this object opened in this thread (with-blocks nest properly).
         for handle in reversed(stack):
             if handle._owner is self:
@@ -95,7 +98,8 @@ class UnitOfWork:
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            _aliases.ensure_known(scope)
+            if scope is not None and scope not in _aliases.validated:
+                _aliases.ensure_known(scope)
             handle = _open(scope)
             try:
                 result = func(*args, **kwargs)
@@ -173,4 +177,7 @@ def _each(items: Iterator[T], scope: Scope) -> Iterator[T]:
         except BaseException as exc:
             _close_in_generator(handle, exc)
             raise
-        _close_in_generator(handle, None)
+        try:
+            close(handle, None)
+        except RuntimeError as err:
+            logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})

@@ -13,10 +13,12 @@ import logging
 import threading
 from typing import Any
 
-from . import _aliases, _lifecycle, _stats
+from . import _aliases, _lifecycle, _state, _stats
 from ._aliases import Scope, Using
 from ._errors import AmbiguousCommitError, commit_alias
 from ._state import LOST_ATTR, STATE_ATTR, ConnState, Tracker, local
+
+_local = local()
 
 __all__ = ["UnitHandle", "close", "in_transaction", "in_unit", "open_unit"]
 
@@ -32,64 +34,67 @@ class UnitHandle:
     ``exc``) when that exception means a COMMIT was lost in flight.
     """
 
-    __slots__ = ("_owner", "_parent", "_thread", "abandoned", "acting", "closed", "scope", "tracker")
+    __slots__ = ("_owner", "_parent", "_thread", "abandoned", "acting", "closed", "scope", "tracker", "tracking")
 
-    def __init__(self, scope: Scope, owner: Any, acting: bool) -> None:
+    def __init__(self, scope: Scope, owner: Any, acting: bool, thread: int) -> None:
         self.scope = scope
         self._owner = owner
-        self._thread = _get_ident()
+        self._thread = thread
         self.acting = acting
         self.closed = False
         self.abandoned = False
+        #: Classify autocommit statements too (retrying units: a completed write forbids a retry).
+        self.tracking = False
+        #: What the statement hook saw in this unit; made on first need (most units never need it).
         self.tracker: Tracker | None = None
-        self._parent: Tracker | None = None
+        self._parent: UnitHandle | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         kind = "outermost" if self.acting else "nested"
         return f"<UnitHandle {kind} {state} using={sorted(self.scope) if self.scope else 'all'}>"
 
+    def record(self) -> Tracker:
+        tracker = self.tracker
+        if tracker is None:
+            tracker = self.tracker = Tracker()
+        return tracker
+
     def close(self, exc: BaseException | None = None) -> None:
         """End the unit (see the class docstring)."""
         close(self, exc)
-
-
-_wired = False
-
-
-def _ensure_wired() -> None:
-    global _wired
-    from . import _wiring
-
-    _wiring.wire()
-    _wired = True
 
 
 def _open(
     scope: Scope, owner: Any = None, *, tracking: bool = False, acting: bool = False, checks: bool = True
 ) -> UnitHandle:
     """Open a unit. ``acting`` forces an acting unit inside another (one attempt of a nested retrying function)."""
-    thread = local()
+    thread = _local
     stack = thread.stack
-    if stack and stack[-1].abandoned:
-        _repair()
-    if (stack or thread.async_open) and not acting:
-        handle = UnitHandle(scope, owner, acting=False)
+    if stack:
+        if stack[-1].abandoned:
+            _repair()
+        if stack and not acting:
+            handle = UnitHandle(scope, owner, False, _get_ident())
+            stack.append(handle)
+            return handle
+    elif thread.async_open and not acting:
+        handle = UnitHandle(scope, owner, False, _get_ident())
         stack.append(handle)
         return handle
-    if not _wired:
-        _ensure_wired()
-    handle = UnitHandle(scope, owner, acting=True)
-    handle.tracker = Tracker(tracking)
-    handle._parent = thread.tracker
+    if not _state.wired:
+        _state.wire()
+    handle = UnitHandle(scope, owner, True, _get_ident())
+    handle.tracking = tracking
+    handle._parent = thread.active
     stack.append(handle)
-    thread.tracker = handle.tracker
+    thread.active = handle
     try:
         if checks:
-            _lifecycle.begin(scope, count=len(stack) == 1 and not thread.async_open)
+            _lifecycle.begin(scope, handle._parent is None and not thread.async_open)
     except BaseException:
         stack.pop()
-        thread.tracker = handle._parent
+        thread.active = handle._parent
         handle.closed = True
         raise
     return handle
@@ -106,6 +111,15 @@ def open_unit(using: Using = None) -> UnitHandle:
 
 
 def close(handle: UnitHandle, exc: BaseException | None) -> None:
+    stack = _local.stack
+    if stack and stack[-1] is handle and not handle.closed and handle._thread == _get_ident():
+        # The common case: the innermost open unit, closed in its own thread.
+        stack.pop()
+        if handle.acting:
+            _finish(handle, exc)
+        else:
+            handle.closed = True
+        return
     if handle._thread != _get_ident():
         if not handle.closed and not handle.abandoned:
             handle.abandoned = True
@@ -115,7 +129,6 @@ def close(handle: UnitHandle, exc: BaseException | None) -> None:
             "refused (a connection belongs to the thread that opened it); that thread ends the unit "
             "at its next one. Close units in the thread that opened them."
         )
-    stack = local().stack
     if handle.closed or handle not in stack:
         raise RuntimeError("this unit of work is already closed")
     while stack[-1] is not handle:
@@ -129,14 +142,14 @@ def _finish(handle: UnitHandle, exc: BaseException | None, *, quiet: bool = Fals
     handle.closed = True
     if not handle.acting:
         return
-    thread = local()
-    thread.tracker = handle._parent
+    parent = handle._parent
+    _local.active = parent
     tracker = handle.tracker
     try:
         _lifecycle.end(handle.scope, exc)
     finally:
-        if handle._parent is not None and tracker is not None:
-            tracker.merge_into(handle._parent)
+        if parent is not None and tracker is not None:
+            tracker.merge_into(parent.record())
     if exc is None or quiet:
         return
     lost = _ambiguous(exc, tracker)
@@ -221,15 +234,15 @@ def open_async(scope: Scope) -> UnitHandle:
     connection at once (unless a transaction is open on it). Inside a sync unit of that thread
     (``async_to_sync`` called within a unit), an async unit is a no-op.
     """
-    thread = local()
+    thread = _local
     if thread.stack:
-        return UnitHandle(scope, None, acting=False)
-    if not _wired:
-        _ensure_wired()
-    handle = UnitHandle(scope, None, acting=True)
+        return UnitHandle(scope, None, False, _get_ident())
+    if not _state.wired:
+        _state.wire()
+    handle = UnitHandle(scope, None, True, _get_ident())
     thread.async_open += 1
     try:
-        _lifecycle.begin(scope)
+        _lifecycle.begin(scope, True)
     except BaseException:
         thread.async_open -= 1
         handle.closed = True

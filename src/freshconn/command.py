@@ -9,7 +9,6 @@ policy once at start-up.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import signal
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import connections
 
-from . import _outage, conf
+from . import _audit, _outage, conf
 from ._aliases import Using
 from ._errors import ReconnectStopped
 from ._unit import UnitOfWork
@@ -33,16 +32,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _driver_name(alias: str) -> str:
-    # The wrapper class's DB-API module: "pymysql" when PyMySQL stands in as MySQLdb.
-    module = getattr(type(connections[alias]), "Database", None)
-    name = str(getattr(module, "__name__", "unknown")).split(".")[0]
-    # Modules' own __version__ strings disagree (PyMySQL reports a MySQLdb-compatible one):
-    # ask the installed distribution instead.
-    try:
-        dists = importlib.metadata.packages_distributions().get(name, [])
-        return f"{name} {importlib.metadata.version(dists[0])}" if dists else name
-    except Exception:  # noqa: BLE001 - a version is a nicety in a log line
-        return name
+    # The one name freshconn uses for a driver everywhere (its distribution's), and its version.
+    name = _audit.driver_name(alias)
+    version = _audit.driver_version(alias)
+    return f"{name} {version}" if version else name
 
 
 def _max_age_text(value: float | None) -> str:

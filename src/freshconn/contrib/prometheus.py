@@ -1,15 +1,19 @@
 """Export ``freshconn.stats()`` to Prometheus (extra ``prometheus``: ``pip install django-freshconn[prometheus]``).
 
     from freshconn.contrib.prometheus import register
-    register()                      # into prometheus_client's default REGISTRY
+    register()                      # into prometheus_client's default REGISTRY; calling it again is harmless
 
 Each counter becomes one counter family ``freshconn_<counter>_total`` with an ``alias`` label,
 read from ``freshconn.stats()`` at scrape time (nothing is counted twice, nothing runs per query).
+Discards are one family, ``freshconn_discarded_total``, with labels ``alias`` and ``reason``: one
+reason per ``discarded_<reason>`` counter, so reasons the core adds later appear by themselves.
 ``freshconn.reset_stats()`` makes the counters go back to zero, which Prometheus treats as a reset.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily
@@ -19,21 +23,32 @@ from .._stats import COUNTERS, stats
 
 __all__ = ["FreshconnCollector", "register"]
 
+DISCARDED = "discarded"
+_REASON_PREFIX = DISCARDED + "_"
+
 HELP: dict[str, str] = {
     "units": "Units of work that ran freshconn's lifecycle for this alias.",
     "pings": "Liveness round trips sent before reusing a connection that sat idle.",
     "connects": "Database connections opened.",
-    "discarded": "Connections closed by freshconn, whatever the reason.",
-    "discarded_max_age": "Connections closed because their lifetime (CONN_MAX_AGE) was over.",
-    "discarded_server_idle": "Connections closed because they sat idle past the server's own idle limit.",
-    "discarded_dead": "Connections found dead before use (driver flag, closed socket, failed ping).",
-    "discarded_error": "Connections closed after a disconnect error during a unit.",
-    "discarded_autocommit": "Connections closed because a unit left autocommit in an unexpected state.",
+    DISCARDED: "Connections closed by freshconn, by reason (max_age: lifetime over; server_idle: idle past the "
+    "server's limit; dead: found dead before use; error: a disconnect during a unit; autocommit: left in an "
+    "unexpected state).",
     "skipped_atomic": "Units that began inside the caller's atomic block, leaving the connection alone.",
     "retries": "Units run again after a disconnect because that was provably safe.",
     "not_retried_unsafe": "Disconnects after which a retry was refused because it could apply a write twice.",
     "retries_exhausted": "Disconnects still failing after the last allowed retry.",
 }
+
+
+def _split(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(plain counters, discard reasons): the total ``discarded`` is the sum of the reasons, not exported."""
+    plain, reasons = [], []
+    for name in names:
+        if name.startswith(_REASON_PREFIX):
+            reasons.append(name[len(_REASON_PREFIX) :])
+        elif name != DISCARDED:
+            plain.append(name)
+    return plain, reasons
 
 
 class FreshconnCollector(Collector):
@@ -43,27 +58,62 @@ class FreshconnCollector(Collector):
         self.namespace = namespace
 
     def _family(self, counter: str) -> CounterMetricFamily:
+        labels = ["alias", "reason"] if counter == DISCARDED else ["alias"]
         return CounterMetricFamily(
-            f"{self.namespace}_{counter}",
-            HELP.get(counter, f"freshconn counter {counter}."),
-            labels=["alias"],
+            f"{self.namespace}_{counter}", HELP.get(counter, f"freshconn counter {counter}."), labels=labels
         )
 
     def describe(self) -> Iterable[CounterMetricFamily]:
-        return [self._family(counter) for counter in COUNTERS]
+        plain, _ = _split(COUNTERS)
+        return [self._family(counter) for counter in (*plain, DISCARDED)]
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         snapshot = stats()
-        names = list(COUNTERS) + sorted({c for row in snapshot.values() for c in row} - set(COUNTERS))
-        for counter in names:
+        seen = {c for row in snapshot.values() for c in row} - set(COUNTERS)
+        plain, reasons = _split([*COUNTERS, *sorted(seen)])
+        aliases = sorted(snapshot)
+        for counter in plain:
             family = self._family(counter)
-            for alias in sorted(snapshot):
+            for alias in aliases:
                 family.add_metric([alias], snapshot[alias].get(counter, 0))
             yield family
+        discarded = self._family(DISCARDED)
+        for alias in aliases:
+            for reason in reasons:
+                discarded.add_metric([alias, reason], snapshot[alias].get(_REASON_PREFIX + reason, 0))
+        yield discarded
+
+
+_lock = threading.Lock()
+#: The collector register() put in each registry, per namespace: registering again returns it.
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, FreshconnCollector]] = weakref.WeakKeyDictionary()
+
+
+def _registered_here(registry: CollectorRegistry, namespace: str) -> FreshconnCollector | None:
+    """The FreshconnCollector for ``namespace`` that ``registry`` holds now, if any.
+
+    prometheus_client has no public lookup: its ``_collector_to_names`` is read when present (a
+    collector registered directly, or one unregistered since), else what register() remembers.
+    """
+    remembered = _registered.get(registry, {}).get(namespace)
+    collectors = getattr(registry, "_collector_to_names", None)
+    if not isinstance(collectors, dict):
+        return remembered
+    if remembered is not None and remembered in collectors:
+        return remembered
+    return next((c for c in collectors if isinstance(c, FreshconnCollector) and c.namespace == namespace), None)
 
 
 def register(registry: CollectorRegistry = REGISTRY, namespace: str = "freshconn") -> FreshconnCollector:
-    """Register a FreshconnCollector in ``registry`` (default: prometheus_client's global one)."""
-    collector = FreshconnCollector(namespace)
-    registry.register(collector)
-    return collector
+    """Register a FreshconnCollector in ``registry`` (default: prometheus_client's global one), once.
+
+    Calling it again (an ``AppConfig.ready()`` run twice, a test re-importing the worker module)
+    returns the collector already registered instead of raising "Duplicated timeseries".
+    """
+    with _lock:
+        collector = _registered_here(registry, namespace)
+        if collector is None:
+            collector = FreshconnCollector(namespace)
+            registry.register(collector)
+        _registered.setdefault(registry, {})[namespace] = collector
+        return collector

@@ -2,11 +2,15 @@
 
     python manage.py freshconn doctor [--database ALIAS] [--format text|json] [--probe-idle MAX_SECONDS]
 
-Exit status: 0 healthy, 1 warnings, 2 errors (or a database unreachable). See docs/doctor.md.
+Exit status, a contract CI can rely on: 0 healthy (notes allowed), 1 warnings from a completed run,
+2 anything else: an error found, a database not reached, invalid settings, or bad arguments
+(argparse's own status). See docs/doctor.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -15,9 +19,48 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from ... import _audit, _doctor, _doctor_output
+from ... import _doctor, _doctor_output
 
 _BAR = 30
+#: The progress bar is redrawn at most this often (seconds).
+_REDRAW = 0.25
+
+
+def _alias(value: str) -> str:
+    if value not in connections:
+        configured = ", ".join(connections) or "none"
+        raise argparse.ArgumentTypeError(
+            f"unknown database alias {value!r}: DATABASES has {configured}. Fix: pass one of them to --database."
+        )
+    return value
+
+
+def _probe_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a positive number of seconds. Fix: e.g. --probe-idle 900 (the longest idle span to try)."
+        )
+    return seconds
+
+
+def _base_options(parser: CommandParser) -> None:
+    """Django's own options, accepted after the subcommand too (``doctor --settings X``).
+
+    ManagementUtility has already honoured --settings and --pythonpath wherever they stand;
+    only the subcommand's parser would reject them. SUPPRESS keeps a value given before the
+    subcommand from being overwritten by a default here.
+    """
+    hidden = argparse.SUPPRESS
+    parser.add_argument("--settings", default=hidden, help=hidden)
+    parser.add_argument("--pythonpath", default=hidden, help=hidden)
+    parser.add_argument("-v", "--verbosity", type=int, choices=[0, 1, 2, 3], default=hidden, help=hidden)
+    parser.add_argument("--traceback", action="store_true", default=hidden, help=hidden)
+    parser.add_argument("--no-color", action="store_true", default=hidden, help=hidden)
+    parser.add_argument("--force-color", action="store_true", default=hidden, help=hidden)
 
 
 class Command(BaseCommand):
@@ -29,36 +72,36 @@ class Command(BaseCommand):
         doctor = sub.add_parser(
             "doctor",
             help="Show each database's server limits, settings and verdicts with fixes.",
-            description="Exit status: 0 healthy, 1 warnings, 2 errors or a database unreachable.",
+            description="Exit status: 0 healthy, 1 warnings, 2 errors, a database not reached, invalid settings "
+            "or arguments.",
         )
         doctor.add_argument(
             "--database",
             action="append",
             dest="databases",
             metavar="ALIAS",
+            type=_alias,
             help="Only this alias (repeatable). Default: every alias in DATABASES.",
         )
         doctor.add_argument("--format", choices=("text", "json"), default="text", help="Output format (default text).")
         doctor.add_argument(
             "--probe-idle",
-            type=float,
+            type=_probe_seconds,
             metavar="MAX_SECONDS",
             help="Measure the real end-to-end idle limit (server, proxies, NAT) by idling connections for "
             "growing spans up to MAX_SECONDS. Takes about that long, or less when a limit is found.",
         )
+        _base_options(doctor)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["subcommand"] != "doctor":  # pragma: no cover - argparse rejects anything else
-            raise CommandError(f"unknown subcommand {options['subcommand']!r}")
-        aliases: list[str] = options.get("databases") or list(connections)
-        unknown = [a for a in aliases if a not in connections]
-        if unknown:
-            raise CommandError(f"unknown database alias(es): {', '.join(unknown)}; known: {', '.join(connections)}")
+            raise CommandError(f"unknown subcommand {options['subcommand']!r}", returncode=2)
+        # Each alias once, in the order given (--database default --database default is one alias).
+        aliases = list(dict.fromkeys(options.get("databases") or connections))
         probe = options.get("probe_idle")
-        if probe is not None and probe <= 0:
-            raise CommandError("--probe-idle needs a positive number of seconds")
         fmt = options.get("format") or "text"
-        progress = self._progress_for if (probe is not None and fmt == "text") else None
+        # Progress only for a person watching: redrawn lines would flood a redirected log.
+        progress = self._progress_for if probe is not None and self.stderr.isatty() else None
         report = _doctor.build(aliases, probe, progress)
         self.stdout.write(
             _doctor_output.render_json(report) if fmt == "json" else _doctor_output.render_text(report),
@@ -70,18 +113,17 @@ class Command(BaseCommand):
             sys.exit(code)
 
     def _progress_for(self, alias: str) -> Callable[[float, str], None]:
-        secrets = _audit.secrets_of(dict(connections[alias].settings_dict))
         last = [0.0]
 
         def show(fraction: float, label: str) -> None:
             now = time.monotonic()
-            if fraction < 1.0 and now - last[0] < 0.25:
+            if fraction < 1.0 and now - last[0] < _REDRAW:
                 return
             last[0] = now
             done = int(_BAR * fraction)
             bar = "#" * done + "-" * (_BAR - done)
             line = f"\r{alias}: probing idle limit [{bar}] {fraction * 100:3.0f}% {label}"
-            self.stderr.write(_audit.scrub(line.ljust(100), secrets), ending="\n" if fraction >= 1.0 else "")
+            self.stderr.write(line.ljust(100), ending="\n" if fraction >= 1.0 else "")
             self.stderr.flush()
 
         return show

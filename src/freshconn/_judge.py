@@ -1,0 +1,326 @@
+"""The rules that decide findings (declared in ``_findings``), shared by the system checks and the doctor.
+
+Every rule reads only credential-free inputs: an :class:`~freshconn._audit.AliasSettings`, the
+validated ``Config``, what the server said (``ServerFacts``), the probe's result, or a failure
+already reduced to a code and a kind. So check and doctor cannot disagree, nor show a secret.
+"""
+
+from __future__ import annotations
+
+import math
+
+from django.core.exceptions import ImproperlyConfigured
+
+from . import conf
+from ._audit import AliasSettings, suggested_timeouts
+from ._findings import Hit, hit
+from ._inspect import ServerFacts
+from ._probe import ProbeResult
+from ._redact import SETTINGS_KINDS, ConnectFailure
+
+__all__ = [
+    "config_hits",
+    "failure_hit",
+    "load_config",
+    "outside_units_lifetime",
+    "probe_failure_hit",
+    "probe_hits",
+    "server_hits",
+    "settings_hits",
+    "suggested_max_age",
+]
+
+_MIB = 1024 * 1024
+
+
+def suggested_max_age(idle_limit: float) -> int:
+    """A CONN_MAX_AGE safely below an idle limit (10 % margin, at least a second)."""
+    return max(0, math.floor(idle_limit - max(1.0, 0.1 * idle_limit)))
+
+
+def _db(alias: str, *keys: str) -> str:
+    return f"DATABASES[{alias!r}]" + "".join(f"[{k!r}]" for k in keys)
+
+
+def _valid_max_age(value: object) -> bool:
+    if value is None:
+        return True
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def load_config() -> tuple[conf.Config | None, str | None]:
+    """The validated FRESHCONN setting, or its validation error (which names the key)."""
+    try:
+        return conf.load(), None
+    except ImproperlyConfigured as exc:
+        return None, str(exc)
+
+
+def outside_units_lifetime(s: AliasSettings) -> float | None:
+    """Django's own lifetime for code outside units (None: forever); call only when CONN_MAX_AGE is valid."""
+    return None if s.conn_max_age is None else float(s.conn_max_age)
+
+
+def config_hits(cfg: conf.Config | None, error: str | None) -> list[Hit]:
+    """Findings about FRESHCONN itself (not about one alias)."""
+    if error is not None:
+        return [hit("settings-invalid", None, error, "Correct the FRESHCONN setting as the message says.")]
+    if cfg is not None and cfg.max_age_override and cfg.conn_max_age == 0:
+        return [
+            hit(
+                "new-connection-per-unit",
+                None,
+                "FRESHCONN['CONN_MAX_AGE'] is 0: every unit opens a new connection (a connect plus Django's session "
+                "setup queries) and closes it at its end.",
+                "Remove FRESHCONN['CONN_MAX_AGE'] (units then keep a connection up to 1800s and replace it "
+                "without a round trip once the server's idle limit has passed) or set e.g. 1800.",
+            )
+        ]
+    return []
+
+
+def settings_hits(s: AliasSettings, cfg: conf.Config | None) -> list[Hit]:
+    """Findings decided from an alias's settings alone (every ``manage.py check``)."""
+    found: list[Hit] = []
+    alias = s.alias
+    if not _valid_max_age(s.conn_max_age):
+        found.append(
+            hit(
+                "conn-max-age-invalid",
+                alias,
+                f"CONN_MAX_AGE must be None or a number of seconds >= 0, got {type(s.conn_max_age).__name__} "
+                f"{s.conn_max_age!r}.",
+                f"Set {_db(alias, 'CONN_MAX_AGE')} to e.g. 300 (seconds), 0 (a connection per request) or None "
+                "(unlimited).",
+            )
+        )
+    if not s.networked:
+        return found
+    if s.invalid_timeouts:
+        problems = "; ".join(f"{key} {why}" for key, why in sorted(s.invalid_timeouts.items()))
+        found.append(
+            hit(
+                "timeout-invalid",
+                alias,
+                f"OPTIONS {problems}.",
+                f"Set {_db(alias, 'OPTIONS')} to positive numbers of the right type, e.g. "
+                f"{suggested_timeouts(s.vendor)}.",
+            )
+        )
+    if cfg is not None:
+        lifetime = cfg.max_age_for({"CONN_MAX_AGE": s.conn_max_age})
+        if lifetime is not None and 0 < lifetime <= cfg.check_after_idle:
+            found.append(
+                hit(
+                    "check-after-idle-not-below-lifetime",
+                    alias,
+                    f"CHECK_AFTER_IDLE ({cfg.check_after_idle:g}s) is not below the lifetime of {alias!r}'s "
+                    f"connections in units ({lifetime:g}s): idle connections are replaced, never checked.",
+                    "Lower FRESHCONN['CHECK_AFTER_IDLE'] or raise FRESHCONN['CONN_MAX_AGE'].",
+                )
+            )
+    read_guard = ("read_timeout",) if s.vendor == "mysql" else ("tcp_user_timeout", "keepalives_idle")
+    if not set(read_guard) & s.timeouts.keys():
+        found.append(
+            hit(
+                "no-read-timeout",
+                alias,
+                f"No {' or '.join(read_guard)} in OPTIONS ({s.driver}): a query on a connection whose packets "
+                "vanish (NAT or firewall drop, failover) hangs until the kernel gives up, for hours "
+                "(freshconn's own check is bounded by PING_TIMEOUT; your queries are not).",
+                f"Set {suggested_timeouts(s.vendor)} in {_db(alias)} (keep {read_guard[0]} above your slowest query).",
+            )
+        )
+    if s.vendor == "postgresql" and s.pool and not s.pool_check:
+        found.append(
+            hit(
+                "pool-without-check",
+                alias,
+                "A connection pool with no check: a connection the server or a proxy dropped while it sat in the "
+                "pool is handed out as if alive, and the first query on it fails.",
+                "Set 'OPTIONS': {'pool': {'check': psycopg_pool.ConnectionPool.check_connection, ...}} "
+                "(psycopg_pool >= 3.2).",
+            )
+        )
+    if "connect_timeout" not in s.timeouts and s.driver != "pymysql":  # PyMySQL defaults to 10 s
+        found.append(
+            hit(
+                "no-connect-timeout",
+                alias,
+                "No connect_timeout: while the server is unreachable, each new connection waits for the kernel "
+                "(about two minutes) before failing.",
+                f"Set {_db(alias, 'OPTIONS', 'connect_timeout')} = 5.",
+            )
+        )
+    return found
+
+
+_FAILURE_FIXES = {
+    "authentication_failed": "Check {db}['USER'] and {db}['PASSWORD'], and that this account may log in from this "
+    "host.",
+    "access_denied": "Let this user connect to this database from this host (MySQL/MariaDB GRANT; PostgreSQL "
+    "pg_hba.conf and the CONNECT privilege).",
+    "unknown_database": "Check {db}['NAME'], or create that database.",
+    "unknown_host": "Check {db}['HOST']: a host name or address (a URI or DSN does not belong there).",
+    "connection_refused": "Check {db}['HOST'] and ['PORT'], and that the server runs and listens there.",
+    "cannot_connect": "Check {db}['HOST'] and ['PORT'], that the server runs and listens there, and that no "
+    "firewall drops the connection.",
+    "timeout": "Check {db}['HOST'] and ['PORT'], and that a firewall or security group lets this host reach the "
+    "server.",
+    "network_unreachable": "Check {db}['HOST'] and this host's network route to the server.",
+    "too_many_connections": "Raise the server's max_connections, put a pooler in front, or run fewer workers.",
+    "server_unavailable": "Run again once the server has started or failed over (FRESHCONN['RECONNECT_TIMEOUT'] "
+    "lets units wait for that).",
+    "tls": "Check the ssl*/sslmode OPTIONS of {db} against the server's TLS setup (certificate, CA).",
+    "connection_lost": "Check that {db}['HOST'] and ['PORT'] point at the database server itself, and its log.",
+    "failed": "Check {db}['HOST'], ['PORT'], ['NAME'], ['USER'] and ['PASSWORD'], and the server's log.",
+}
+
+
+def failure_hit(s: AliasSettings, failure: ConnectFailure) -> Hit:
+    """The finding for a connect that failed: a settings mistake (E005) or a server not reached (E004)."""
+    db = _db(s.alias)
+    if failure.kind in SETTINGS_KINDS:
+        where = _db(s.alias, *failure.setting) if failure.setting else db
+        return hit(
+            "connect-settings-rejected",
+            s.alias,
+            f"Nothing was sent to the server: {failure.summary}"
+            + (f"; the setting concerned is {where}." if failure.setting else "."),
+            f"Correct {where} (see the driver's documentation for valid values): a settings mistake, not a "
+            "network problem.",
+        )
+    fix = _FAILURE_FIXES[failure.kind].format(db=db)
+    return hit("unreachable", s.alias, f"Cannot connect: {failure.summary}.", fix)
+
+
+def probe_failure_hit(s: AliasSettings, failure: ConnectFailure) -> Hit:
+    return hit(
+        "probe-failed",
+        s.alias,
+        f"The idle probe could not run: {failure.summary}.",
+        "Make sure a few more connections are allowed (the probe opens six at once), then run it again.",
+    )
+
+
+def _lifetime_text(value: float | None) -> str:
+    return "forever (CONN_MAX_AGE=None)" if value is None else f"up to {value:g}s (CONN_MAX_AGE)"
+
+
+def server_hits(s: AliasSettings, facts: ServerFacts, *, probed: bool = False) -> list[Hit]:
+    """Findings that need what the server said (``check --database``, the doctor)."""
+    found: list[Hit] = []
+    alias, limit = s.alias, facts.idle_limit
+    name = "idle_session_timeout" if s.vendor == "postgresql" else "wait_timeout"
+    if limit is not None and _valid_max_age(s.conn_max_age):
+        outside = outside_units_lifetime(s)
+        if outside is None or outside > limit:
+            most = suggested_max_age(limit)
+            found.append(
+                hit(
+                    "lifetime-above-idle-limit",
+                    alias,
+                    f"Outside units, Django keeps connections {_lifetime_text(outside)}, but the server drops a "
+                    f"session idle for {limit:g}s ({name}): code outside freshconn.unit_of_work() fails on its "
+                    "first query after such a pause. Units are not affected: they replace such a connection "
+                    "without a round trip.",
+                    f"Set {_db(alias, 'CONN_MAX_AGE')} to at most {most}"
+                    + (" (a connection per request)" if most == 0 else "")
+                    + f", raise the server's {name}, or run that code in units.",
+                )
+            )
+    if s.driver == "pymysql" and facts.tls is False and not s.ssl_configured:
+        found.append(
+            hit(
+                "pymysql-tls-per-connect",
+                alias,
+                "PyMySQL builds a TLS context on every connect (about 16 ms) although this server offers no TLS: "
+                "every new connection pays it for nothing.",
+                "Set 'OPTIONS': {'ssl_disabled': True} (or enable TLS on the server and pass a prebuilt "
+                "ssl.SSLContext as OPTIONS['ssl']).",
+            )
+        )
+    if facts.max_connections and facts.connections_used is not None:
+        used = facts.connections_used / facts.max_connections
+        if used >= 0.8:
+            found.append(
+                hit(
+                    "connections-exhausted" if used >= 0.95 else "connections-nearly-exhausted",
+                    alias,
+                    f"{facts.connections_used} of max_connections={facts.max_connections} are in use: new "
+                    "connections (and every reconnect after a drop) will soon be refused.",
+                    "Raise max_connections, put a pooler in front, or lower the number of worker threads/processes.",
+                )
+            )
+    configured = s.configured_port
+    if not probed and facts.port is not None and configured is not None and facts.port != configured:
+        found.append(
+            hit(
+                "proxy-in-path",
+                alias,
+                f"This process connects to port {configured} but the server listens on {facts.port}: a proxy, "
+                "pooler or port forward sits between them, with idle rules the server does not know.",
+                "Measure the real idle limit: `manage.py freshconn doctor --probe-idle 3600`.",
+            )
+        )
+    in_tx = facts.limits.get("idle_in_transaction_session_timeout") or facts.limits.get("idle_transaction_timeout")
+    if isinstance(in_tx, (int, float)) and in_tx > 0:
+        found.append(
+            hit(
+                "idle-in-transaction-limit",
+                alias,
+                f"The server kills a session left idle inside a transaction for {in_tx:g}s; the next query fails "
+                "as a disconnect and the transaction's writes are lost.",
+                "Keep transactions short: never wait on a broker, an API or a sleep inside atomic().",
+            )
+        )
+    packet = facts.limits.get("max_allowed_packet")
+    if isinstance(packet, int) and packet < 16 * _MIB:
+        found.append(
+            hit(
+                "small-max-allowed-packet",
+                alias,
+                f"max_allowed_packet is {packet / _MIB:g} MiB: a larger statement or row makes the server drop the "
+                "connection (error 2006, 'gone away'), which looks like a disconnect.",
+                "Raise the server's max_allowed_packet (e.g. 64M) or send smaller batches.",
+            )
+        )
+    return found
+
+
+def probe_hits(s: AliasSettings, cfg: conf.Config | None, facts: ServerFacts, probe: ProbeResult) -> list[Hit]:
+    """Findings from ``doctor --probe-idle``'s measurement."""
+    if probe.died is None:
+        return [
+            hit(
+                "idle-limit-measured",
+                s.alias,
+                f"No connection was dropped after idling up to {probe.max_seconds:g}s.",
+                "Nothing to fix; probe longer spans to learn more.",
+            )
+        ]
+    limit = facts.idle_limit
+    if limit is not None and probe.died >= 0.9 * limit:
+        return []  # the server's own limit, which units already honour
+    survived = probe.survived or 0.0
+    server = "no idle limit" if limit is None else f"an idle limit of {limit:g}s"
+    inside = (
+        f"keep FRESHCONN['CHECK_AFTER_IDLE'] below {survived:.1f}s (units then check a connection idle that long "
+        "and replace a dropped one) and "
+        if cfg is None or cfg.check_after_idle >= survived
+        else ""
+    )
+    most = suggested_max_age(probe.died)
+    return [
+        hit(
+            "hidden-idle-limit",
+            s.alias,
+            f"Something between this process and the server (a proxy, pooler, NAT or firewall) drops a connection "
+            f"idle between {survived:.2f}s and {probe.died:.2f}s, while the server has {server}: nothing tells "
+            "Django or freshconn about this limit.",
+            "Raise the proxy's idle timeout or send TCP keepalives more often than that (libpq keepalives_idle); "
+            f"otherwise {inside}set {_db(s.alias, 'CONN_MAX_AGE')} to at most {most}"
+            + (" (a connection per request)" if most == 0 else "")
+            + " for code outside units.",
+        )
+    ]

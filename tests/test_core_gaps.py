@@ -1,18 +1,27 @@
-"""Gaps in the core's patient reconnect, found while proving issue 8 with real workers (strict xfail until fixed).
+"""Gaps in the core found while proving issue 8 with real workers (strict xfail until fixed).
 
-A unit (or an adopted close_old_connections() boundary) waits for a server that is down only when
+1. A unit (or an adopted close_old_connections() boundary) waits for a server that is down only when
 freshconn itself found the connection dead or broken. When it closes the connection for another
 reason (idle past the server's limit, its lifetime), or there is no connection yet, the unit's first
 query connects through Django at once and fails with "connection refused" while the server restarts.
 Real shapes that meet it: a tick loop whose tick is longer than the server's idle limit, a worker
 idle past the server's wait_timeout or past CONN_MAX_AGE when its database restarts, a worker that
 starts during an outage.
+
+2. freshconn's counters' lock is not fork-safe: a child forked while another thread of the parent is
+inside ``freshconn.stats()`` (a Prometheus scrape, a STATS_LOG_INTERVAL line) inherits the lock held
+by a thread that does not exist in the child, and its own ``stats()`` (its first stats line, a
+scrape) blocks forever. Forking parents with such a thread: RQ's forking worker, Celery's prefork
+pool, gunicorn with a preloaded app.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -22,8 +31,6 @@ import freshconn
 from freshconn import _state
 from tests.app.models import Order
 from tests.conftest import IDLE_PAST_TIMEOUT, counters, short_server_timeout_options
-
-pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 GAP = "core gap: a unit waits for a down server only after freshconn found its connection dead"
 
@@ -45,6 +52,8 @@ def run_unit_while_server_restarts(server) -> int:
         timer.join()
 
 
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=GAP, raises=Exception)
 def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(dbconf: Callable[..., None], server):
     """A connection idle past the server's limit is closed at the unit's start; a down server is then waited for."""
@@ -56,6 +65,8 @@ def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(dbconf: 
     assert counters()["reconnect_waits"] == 1
 
 
+@pytest.mark.server
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=GAP, raises=Exception)
 def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callable[..., None], server):
     """A unit that has no connection yet (a worker starting during an outage) waits for the server."""
@@ -63,3 +74,32 @@ def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callabl
     connection.close()
     assert run_unit_while_server_restarts(server) == 0
     assert counters()["reconnect_waits"] == 1
+
+
+@pytest.mark.xfail(strict=True, reason="core gap: freshconn's counters' lock is inherited held by a fork")
+def test_stats_in_a_child_forked_while_another_thread_reads_them():
+    """A child forked while another thread is inside freshconn.stats() can read its own counters."""
+    stop = threading.Event()
+
+    def reader() -> None:  # a Prometheus scrape or a stats line, as often as possible
+        while not stop.is_set():
+            freshconn.stats()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    hung = 0
+    try:
+        for _ in range(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork with threads
+                pid = os.fork()
+            if pid == 0:  # the child
+                signal.alarm(1)  # a hang ends the child by SIGALRM
+                freshconn.stats()
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            hung += os.WIFSIGNALED(status)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert hung == 0

@@ -6,6 +6,7 @@ directory, and is stopped by its own PID. Nothing here is part of the freshconn 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -63,6 +64,8 @@ class Server:
     #: Address to bind; with ``prefix`` (e.g. BlackHoleNet.prefix()) the server runs in a namespace.
     host: str = "127.0.0.1"
     prefix: list[str] = field(default_factory=list)
+    #: The server has listened once: a failure to start again must not remove its data.
+    _launched: bool = field(default=False, repr=False)
 
     def __enter__(self) -> Any:
         self.start()
@@ -102,9 +105,16 @@ class Server:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, **popen)
         try:
             wait_port(self.port, proc=self.proc, host=self.host)
-        except Exception:
-            self.stop()
-            raise
+        except Exception as exc:
+            tail = ""
+            with contextlib.suppress(OSError), open(os.path.join(self.tmp, log_name), errors="replace") as f:
+                tail = f.read()[-1500:]
+            if self._launched:
+                self._kill_proc()  # a failed restart: keep the data, a later up() may succeed
+            else:
+                self.stop()
+            raise RuntimeError(f"{exc}; its log ends with:\n{tail}") from exc
+        self._launched = True
 
     def restart(self, down_for: float = 0.0) -> None:
         """Stop the server process (keeping its data) and start it again on the same port."""
@@ -115,6 +125,13 @@ class Server:
     def down(self) -> None:
         """Stop the server process, keeping its data, until up()."""
         self._kill_proc()
+
+    def crash(self) -> None:
+        """Kill the server process at once (SIGKILL, no shutdown at all), keeping its data, until up()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
 
     def up(self) -> None:
         self._launch()

@@ -10,7 +10,7 @@ import os
 import sys
 
 DRIVER = os.environ.get("FRESHCONN_TEST_DRIVER", "mysqlclient")
-DRIVERS = ("mysqlclient", "pymysql", "psycopg", "psycopg2")
+DRIVERS = ("mysqlclient", "pymysql", "mysqlconnector", "psycopg", "psycopg2")
 if DRIVER not in DRIVERS:
     raise RuntimeError(f"FRESHCONN_TEST_DRIVER must be one of {DRIVERS}, got {DRIVER!r}")
 
@@ -21,14 +21,16 @@ if DRIVER == "pymysql":
 elif DRIVER == "psycopg2":
     sys.modules["psycopg"] = None  # type: ignore[assignment]  # makes Django fall back to psycopg2
 
-VENDOR = "mysql" if DRIVER in ("mysqlclient", "pymysql") else "postgresql"
+VENDOR = "mysql" if DRIVER in ("mysqlclient", "pymysql", "mysqlconnector") else "postgresql"
+# mysql-connector-python ships its own Django engine; the others use Django's.
+ENGINE = "mysql.connector.django" if DRIVER == "mysqlconnector" else f"django.db.backends.{VENDOR}"
 
 SECRET_KEY = "tests-only"
 USE_TZ = True
 INSTALLED_APPS = ["freshconn", "tests.app", "tests.workerapp"]
 DATABASES = {
     "default": {
-        "ENGINE": f"django.db.backends.{VENDOR}",
+        "ENGINE": ENGINE,
         # Subprocesses (real worker processes in integration tests) inherit these from conftest.
         "NAME": os.environ.get("FRESHCONN_TEST_DB_NAME", "freshconn"),
         "USER": "app",

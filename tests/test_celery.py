@@ -98,3 +98,34 @@ def test_without_freshconn_celery_opens_a_connection_per_task(live, redis_server
     assert [r.get("error") for r in reports] == [None] * 4
     assert len({r["backend"] for r in reports}) == 4
     assert max(r["stats"]["connects"] for r in reports) == 4
+
+
+def app_sessions() -> int:
+    """Sessions of the app user on the server, other than this test's own."""
+    from django.db import connection
+
+    sql = (
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'app' AND ID <> CONNECTION_ID()"
+        if connection.vendor == "mysql"
+        else "SELECT COUNT(*) FROM pg_stat_activity WHERE usename = 'app' AND pid <> pg_backend_pid()"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_greenlet_pool_tasks_are_units_and_finished_greenlets_leave_no_session(
+    live, redis_server, redis_client, producer, pool
+):
+    """gevent/eventlet: each task a unit in its greenlet, after idle too; finished greenlets leave no session open."""
+    pytest.importorskip(pool)
+    with worker(pool, 4, worker_env(redis_server)) as w:
+        send(producer, *(f"{pool}-{i}" for i in range(8)))
+        first = collect(redis_client, 8, w)
+        time.sleep(IDLE_PAST_TIMEOUT)
+        send(producer, *(f"{pool}-idle-{i}" for i in range(4)))
+        after = collect(redis_client, 4, w)
+        assert [r.get("error") for r in first + after] == [None] * 12
+        assert app_sessions() == 0
+    assert row_count() == 12

@@ -29,7 +29,13 @@ def test_driver_under_test_is_the_one_requested(live):
     """The process really talks through the driver named by FRESHCONN_TEST_DRIVER."""
     select_one()
     module = type(connection.connection).__module__.split(".")[0]
-    expected = {"mysqlclient": "MySQLdb", "pymysql": "pymysql", "psycopg": "psycopg", "psycopg2": "psycopg2"}
+    expected = {
+        "mysqlclient": "MySQLdb",
+        "pymysql": "pymysql",
+        "mysqlconnector": "mysql",
+        "psycopg": "psycopg",
+        "psycopg2": "psycopg2",
+    }
     assert module == expected[DRIVER]
 
 

@@ -119,6 +119,33 @@ class PyMySQL(_MySQLBase):
         return int(tid[0]) if tid else None
 
 
+class MySQLConnector(_MySQLBase):
+    """mysql-connector-python (Oracle's driver, Django engine ``mysql.connector.django``), pure Python."""
+
+    name = "mysql-connector"
+
+    def fileno(self, raw: Any) -> int | None:
+        sock = getattr(getattr(raw, "_socket", None), "sock", None)
+        if sock is None:
+            return None
+        try:
+            return int(sock.fileno())
+        except OSError:
+            return None
+
+    def closed(self, raw: Any) -> bool:
+        # close() and a failed connect drop the socket object; is_connected() would be a round trip.
+        return getattr(raw, "_socket", None) is None
+
+    def ping(self, raw: Any) -> None:
+        # reconnect=False: a driver-level reconnect would skip Django's session setup.
+        raw.ping(reconnect=False)
+
+    def backend_id(self, raw: Any) -> int | None:
+        value = raw.connection_id
+        return int(value) if value is not None else None
+
+
 class _PostgresBase(Driver):
     vendor = "postgresql"
 
@@ -168,6 +195,7 @@ _BY_MODULE: dict[str, Driver] = {}
 _KNOWN = (
     ("MySQLdb", MySQLClient()),
     ("pymysql", PyMySQL()),
+    ("mysql", MySQLConnector()),
     ("psycopg2", Psycopg2()),
     ("psycopg", Psycopg3()),
 )

@@ -27,6 +27,7 @@ __all__ = [
     "interrupted_alias",
     "is_database_error",
     "is_disconnect",
+    "is_read_only",
     "is_unsent",
 ]
 
@@ -82,7 +83,20 @@ _PG_CLIENT_MESSAGES = (
     "connection timeout expired",
 )
 
-_MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql")
+# MySQL / MariaDB errors that mean "this server is (now) read-only": a failover left the client on
+# the demoted primary (or a reader). 1290 is also "--secure-file-priv" and others: read-only only.
+MYSQL_READ_ONLY_CODES = frozenset(
+    {
+        1290,  # ER_OPTION_PREVENTS_STATEMENT with --read-only / --super-read-only
+        1836,  # ER_READ_ONLY_MODE
+        1792,  # ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+    }
+)
+PG_READ_ONLY_SQLSTATES = frozenset(
+    {"25006"}
+)  # read_only_sql_transaction (a hot standby, default_transaction_read_only)
+
+_MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql", "mysql")  # mysql: mysql-connector-python
 _PG_MODULES = ("psycopg", "psycopg2", "psycopg_pool")
 _CHAIN_LIMIT = 16
 
@@ -117,14 +131,24 @@ def _module_root(exc: BaseException) -> str:
     return type(exc).__module__.split(".", 1)[0]
 
 
+# mysql-connector-python closes the connection after its own read/write timeout and raises these
+# (with errno 3024, which the server itself uses for max_execution_time, a live-session error).
+_MYSQL_CONNECTOR_GONE_CLASSES = frozenset({"ReadTimeoutError", "WriteTimeoutError"})
+
+
 def _mysql_gone(exc: BaseException) -> bool:
+    if type(exc).__name__ in _MYSQL_CONNECTOR_GONE_CLASSES and type(exc).__module__.startswith("mysql.connector"):
+        return True
     args: tuple[Any, ...] = exc.args
     code = args[0] if args else None
     if isinstance(code, int) and not isinstance(code, bool):
         if code in MYSQL_DISCONNECT_CODES:
             return True
-        # Both drivers raise InterfaceError(0, '') for every call on a connection they have dropped.
-        return code == 0 and any(c.__name__ == "InterfaceError" for c in type(exc).__mro__)
+        # mysqlclient and PyMySQL raise InterfaceError(0, '') for every call on a connection they
+        # have dropped; mysql-connector-python pings in cursor() and raises errno -1 "not available".
+        if code == 0:
+            return any(c.__name__ == "InterfaceError" for c in type(exc).__mro__)
+        return code == -1 and "not available" in str(exc).lower()
     return False
 
 
@@ -158,6 +182,34 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
         yield exc
         exc = exc.__cause__
         seen += 1
+
+
+def _read_only(exc: BaseException) -> bool:
+    root = _module_root(exc)
+    if root in _MYSQL_MODULES:
+        code = exc.args[0] if exc.args else None
+        if code in MYSQL_READ_ONLY_CODES:
+            text = str(exc).lower()
+            return code != 1290 or "read-only" in text or "read_only" in text
+        return False
+    if root in _PG_MODULES:
+        sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+        return sqlstate in PG_READ_ONLY_SQLSTATES
+    return False
+
+
+def is_read_only(exc: object) -> bool:
+    """True when ``exc`` means the server refused a write because it is read-only (a wrong node).
+
+    After a failover, a client that reconnected through a stale DNS answer or a proxy can land on
+    the demoted, now read-only, former primary: MySQL/MariaDB 1290 (``--read-only``), 1836, 1792;
+    PostgreSQL SQLSTATE 25006. Raw driver errors or Django's wrappers (``__cause__`` is followed).
+    The statement was refused, not applied. This is not a disconnect (``is_disconnect`` stays
+    False), but the connection is on the wrong node: freshconn discards it at once.
+    """
+    if not isinstance(exc, BaseException):
+        return False
+    return any(_read_only(e) for e in _causes(exc))
 
 
 def is_disconnect(exc: object) -> bool:
@@ -205,7 +257,7 @@ def is_unsent(exc: BaseException) -> bool:
         root = _module_root(e)
         if root in _MYSQL_MODULES:
             code = e.args[0] if e.args else None
-            if code == 2006 or (code == 0 and _mysql_gone(e)):
+            if code == 2006 or (code in (0, -1) and _mysql_gone(e)):
                 return True
         elif root in _PG_MODULES:
             text = str(e).lower()

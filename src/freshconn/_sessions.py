@@ -23,10 +23,10 @@ def side_session(alias: str) -> Iterator[tuple[Any, str]]:
     wrapper = connections.create_connection(alias)
     raw = wrapper.get_new_connection(wrapper.get_connection_params())
     try:
-        if wrapper.vendor == "mysql":
-            raw.autocommit(True)
+        if callable(getattr(raw, "autocommit", None)):
+            raw.autocommit(True)  # mysqlclient, PyMySQL: a method
         else:
-            raw.autocommit = True
+            raw.autocommit = True  # psycopg, psycopg2, mysql-connector-python: an attribute
         yield raw, str(wrapper.vendor)
     finally:
         with contextlib.suppress(Exception):

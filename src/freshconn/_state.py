@@ -3,18 +3,19 @@
 One ``ConnState`` per raw connection (replaced on reconnect), found on the Django wrapper. The
 statement hook, one Django execute wrapper per managed wrapper, keeps it current: when the
 connection was last used (so the start-of-unit check compares one number), whether a statement
-was interrupted mid-flight, and, for the unit running in the thread, what its transactions did.
+was interrupted mid-flight or refused by a read-only node, and, for a retrying unit, its writes.
+A second hook on ``_commit`` records a COMMIT lost in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import random
 import select
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from django.dispatch import Signal
 
 from . import _django, _drivers, _policy, _stats, conf
 from ._aliases import is_server_vendor
-from ._errors import chain, is_database_error, is_disconnect, is_unsent
+from ._errors import is_database_error, is_disconnect, is_read_only, is_unsent
 from ._sql import COMMIT, WRITE, classify
 from .signals import connection_discarded
 
@@ -35,7 +36,8 @@ logger = logging.getLogger("freshconn")
 STATE_ATTR = "_freshconn_state"
 LOST_ATTR = "_freshconn_lost_state"
 _HOOKED_ATTR = "_freshconn_hooked"
-_POLL_MASK = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+# getattr: eventlet's monkey-patching removes select.poll and its constants (select.select stays).
+_POLL_MASK = sum(getattr(select, name, 0) for name in ("POLLIN", "POLLPRI", "POLLERR", "POLLHUP", "POLLNVAL"))
 #: Discards that may mean the server is down or restarting: the next boundary reconnects patiently.
 OUTAGE_REASONS = frozenset({"dead", "error"})
 _monotonic = time.monotonic
@@ -51,16 +53,14 @@ class ConnState:
         "backend_id",
         "check_at",
         "deadline",
+        "doomed",
         "driver",
         "idle_limit",
-        "interrupted",
         "last_used",
         "opened_at",
         "poller",
         "raw",
         "spread",
-        "tx_dirty",
-        "tx_lost",
         "window",
     )
 
@@ -73,21 +73,16 @@ class ConnState:
         self.deadline = self.check_at = now
         self.idle_limit: float | None = None
         self.window = 0.0
-        self.interrupted = False
-        # A write ran inside the current transaction and no COMMIT has confirmed it yet; a statement
-        # of that transaction failed with a disconnect (so the server rolls it back).
-        self.tx_dirty = False
-        self.tx_lost = False
+        #: A discard reason the statement hook recorded: "interrupted" (a reply may be half-read) or
+        #: "read_only" (the server refused a write: a failover left this connection on the wrong node).
+        self.doomed: str | None = None
         self.autocommit = True
         try:
             self.backend_id: int | None = driver.backend_id(raw)
         except Exception:  # noqa: BLE001 - only AmbiguousCommitError.wait_until_settled needs it
             self.backend_id = None
-        self.poller: Any = None
         fd = driver.fileno(raw)
-        if fd is not None:
-            self.poller = select.poll()
-            self.poller.register(fd, _POLL_MASK)
+        self.poller: Any = None if fd is None else _poller(fd)
 
     def configure(self, cfg: conf.Config, settings_dict: dict[str, Any]) -> None:
         """(Re)compute the lifetime and idle window from the settings (at connect, and when they change)."""
@@ -105,51 +100,54 @@ class ConnState:
         return self.driver.vendor == "mysql" and self.socket_has_news()
 
 
-class Tracker:
-    """What one unit (or one attempt of a retrying unit) did, as seen by the statement hook."""
+class _SelectPoller:
+    """poll(0) through select.select, where select.poll is missing (eventlet's green select)."""
 
-    __slots__ = ("applied", "commit_in_flight", "statement_errors", "tx_states", "write_in_flight")
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def poll(self, timeout: float) -> list[int]:
+        readable, _, broken = select.select([self.fd], [], [self.fd], 0)
+        return readable or broken
+
+
+def _poller(fd: int) -> Any:
+    make = getattr(select, "poll", None)
+    if make is None:
+        return _SelectPoller(fd)
+    poller = make()
+    poller.register(fd, _POLL_MASK)
+    return poller
+
+
+class Tracker:
+    """What one unit (or one attempt of a retrying unit) did, as seen by the statement and COMMIT hooks."""
+
+    __slots__ = ("applied", "commit_backend", "commit_in_flight", "reported", "write_in_flight")
 
     def __init__(self) -> None:
         self.applied = False
         self.write_in_flight = False
+        #: The alias whose COMMIT was sent and then failed without proof it never reached the server.
         self.commit_in_flight: str | None = None
-        self.statement_errors: list[BaseException] = []
-        self.tx_states: list[ConnState] = []
+        #: The server's id of that COMMIT's session, for AmbiguousCommitError.wait_until_settled().
+        self.commit_backend: int | None = None
+        #: An AmbiguousCommitError was raised for it already (a unit around this one must not raise another).
+        self.reported = False
 
-    def confirmed(self, state: ConnState) -> None:
+    def confirmed(self) -> None:
         """Django's on_commit: that transaction is committed, so its writes are applied."""
-        state.tx_dirty = False
         self.applied = True
 
     def merge_into(self, parent: Tracker) -> None:
         """A nested attempt's findings belong to the unit around it too (it must not replay them)."""
         parent.applied |= self.applied
         parent.write_in_flight |= self.write_in_flight
-        parent.commit_in_flight = parent.commit_in_flight or self.commit_in_flight
-        parent.statement_errors.extend(self.statement_errors)
-        parent.tx_states.extend(self.tx_states)
-
-    def unresolved_commit(self, exc: BaseException) -> str | None:
-        """The alias of a transaction this unit wrote in and whose COMMIT may have been lost, or None.
-
-        The record, independent of tracebacks: a transaction with writes that neither committed
-        (no on_commit) nor failed at one of its own statements, when the error that ended the unit
-        is a disconnect that struck no statement and no error of the unit's own code preceded it.
-        Django commits only when the block raised nothing, so that error arose at COMMIT (or in
-        the reconnect Django attempts right after a failed one).
-        """
-        if self.commit_in_flight:
-            return self.commit_in_flight
-        errors = chain(exc)
-        if not any(is_disconnect(e) for e in errors):
-            return None
-        if any(not is_database_error(e) or any(e is s for s in self.statement_errors) for e in errors):
-            return None
-        for state in reversed(self.tx_states):
-            if state.tx_dirty and not state.tx_lost:
-                return state.alias
-        return None
+        if parent.commit_in_flight is None:
+            parent.commit_in_flight, parent.commit_backend = self.commit_in_flight, self.commit_backend
+            parent.reported = self.reported
 
 
 class _Thread(threading.local):
@@ -245,6 +243,7 @@ def register(conn: BaseDatabaseWrapper) -> None:
         # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
         # execute_wrapper() context manager, which pops from the end, never removes it.
         conn.execute_wrappers.insert(0, statement_hook)
+        setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
         for hook in on_register:
             hook(conn)
 
@@ -289,22 +288,21 @@ def reconfigure(**kwargs: Any) -> None:
         state.configure(cfg, connections.settings.get(state.alias, {}))
 
 
-def _track(conn: BaseDatabaseWrapper, state: ConnState | None, sql: str, tracker: Tracker) -> None:
+def _track(conn: BaseDatabaseWrapper, sql: str, tracker: Tracker) -> None:
+    """For a retrying unit: whether this completed statement applied a write (which forbids a retry)."""
     kind = classify(sql)
+    if kind not in (WRITE, COMMIT):
+        return
     if conn.in_atomic_block:
-        if kind == WRITE and state is not None:
-            if not state.tx_dirty:
-                state.tx_dirty = True
-                tracker.tx_states.append(state)
+        if kind == WRITE:
+            # Applied only once its transaction commits: Django's robust on_commit says when.
             # Registered per write: Django drops a callback registered inside a savepoint that is
             # later rolled back, and the writes after it must still be seen committed.
-            conn.on_commit(functools.partial(tracker.confirmed, state), robust=True)
-    elif not conn.autocommit:
-        # A manual transaction (AUTOCOMMIT=False): its COMMIT (connection.commit()) passes no
-        # hook, so a write there counts as applied at once, which can only forbid a retry.
-        if kind in (WRITE, COMMIT):
-            tracker.applied = True
-    elif kind in (WRITE, COMMIT):
+            conn.on_commit(tracker.confirmed, robust=True)
+    else:
+        # Autocommit: applied now. A manual transaction (AUTOCOMMIT=False): its COMMIT
+        # (connection.commit()) is seen by the COMMIT hook only when it fails, so a write there
+        # counts as applied at once, which can only forbid a retry.
         tracker.applied = True
 
 
@@ -314,28 +312,34 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any
         # An exception raised while the statement was in flight (a time limit, SIGALRM, Ctrl-C): the
         # reply may be half-read and the next statement would read its rest. Never reuse it.
         if state is not None:
-            state.interrupted = True
+            state.doomed = "interrupted"
         conn.errors_occurred = True
         return
-    if active is None:
+    if is_read_only(exc):
+        if state is not None:
+            state.doomed = "read_only"
+        return  # refused by the server: nothing was applied
+    if active is None or not is_disconnect(exc):
         return
     tracker: Tracker = active.record()
-    tracker.statement_errors.append(exc)
-    if not is_disconnect(exc):
-        return
     kind = classify(sql)
     if kind == COMMIT:
         if not is_unsent(exc):
-            tracker.commit_in_flight = tracker.commit_in_flight or conn.alias
-    elif conn.in_atomic_block or not conn.autocommit:
-        if state is not None:
-            state.tx_lost = True  # the session died mid-transaction: the server rolls it back
-    elif kind == WRITE and not is_unsent(exc):
+            _commit_lost(tracker, conn, state)
+    elif kind == WRITE and not is_unsent(exc) and not conn.in_atomic_block and conn.autocommit:
+        # In a transaction the server rolls the write back with the dead session; in autocommit
+        # it may have been applied.
         tracker.write_in_flight = True
 
 
+def _commit_lost(tracker: Tracker, conn: BaseDatabaseWrapper, state: ConnState | None) -> None:
+    if tracker.commit_in_flight is None:
+        tracker.commit_in_flight = conn.alias
+        tracker.commit_backend = state.backend_id if state is not None else None
+
+
 def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]) -> Any:
-    """Django execute wrapper on every managed connection: last use, interruptions, the unit's writes."""
+    """Django execute wrapper on every managed connection: last use, interruptions, a retrying unit's writes."""
     conn = context["connection"]
     active = _local.active
     try:
@@ -349,9 +353,27 @@ def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: boo
         state.last_used = now
         until = now + state.window
         state.check_at = until if until < state.deadline else state.deadline
-    if active is not None and (active.tracking or conn.in_atomic_block):
-        _track(conn, state, sql, active.record())
+    if active is not None and active.tracking:
+        _track(conn, sql, active.record())
     return result
+
+
+def commit_step(conn: BaseDatabaseWrapper) -> Any:
+    """freshconn's ``_commit()`` on a managed wrapper: Django's, plus the record of a COMMIT lost in flight.
+
+    Django's ``commit()`` calls ``self._commit()``, which sends COMMIT through the driver (no execute
+    wrapper sees it). When it fails with a disconnect (or is interrupted) after it may have reached
+    the server, the unit running in this thread records it, whatever error Django's Atomic raises
+    afterwards (its reconnect in ``finally`` may fail and replace this one): that unit then raises
+    AmbiguousCommitError and is never retried.
+    """
+    try:
+        return type(conn)._commit(conn)  # type: ignore[attr-defined]
+    except BaseException as exc:
+        active = _local.active
+        if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
+            _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None))
+        raise
 
 
 def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:

@@ -21,6 +21,7 @@ COUNTERS = (
     "discarded_error",  # a disconnect-class error during the unit
     "discarded_autocommit",  # the unit left autocommit in a state Django does not expect
     "discarded_interrupted",  # an exception (time limit, signal, cancellation) struck while a query was in flight
+    "discarded_read_only",  # the server refused a write as read-only: a failover left it on the wrong node
     "skipped_atomic",  # unit began inside the caller's atomic block: connection left alone
     "reconnect_waits",  # times a unit waited for its server to come back (restart, failover, outage)
     "reconnect_attempts",  # connection attempts made while waiting (spread and shared across threads)

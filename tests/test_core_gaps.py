@@ -8,11 +8,13 @@ Real shapes that meet it: a tick loop whose tick is longer than the server's idl
 idle past the server's wait_timeout or past CONN_MAX_AGE when its database restarts, a worker that
 starts during an outage.
 
-2. freshconn's counters' lock is not fork-safe: a child forked while another thread of the parent is
-inside ``freshconn.stats()`` (a Prometheus scrape, a STATS_LOG_INTERVAL line) inherits the lock held
-by a thread that does not exist in the child, and its own ``stats()`` (its first stats line, a
-scrape) blocks forever. Forking parents with such a thread: RQ's forking worker, Celery's prefork
-pool, gunicorn with a preloaded app.
+2. freshconn's counters' lock is not fork-safe: a child forked while another thread of the parent
+holds it (inside ``freshconn.stats()``: a Prometheus scrape, a STATS_LOG_INTERVAL line; or a thread
+starting its first unit, or ending) inherits it held by a thread that does not exist in the child.
+The child then blocks forever, often at the fork itself: Python's after-fork cleanup drops the other
+threads' thread-locals, and ``_ThreadCounts.__del__`` takes the lock (seen with gdb in this test);
+otherwise at its first ``stats()``. Forking parents with such a thread: RQ's forking worker,
+Celery's prefork pool, gunicorn with a preloaded app.
 """
 
 from __future__ import annotations

@@ -45,11 +45,11 @@ def settle(read, expected: int, timeout: float = 10.0) -> int:
 class Worker:
     """A ``python -m django <command>`` subprocess whose stdout lines can be awaited."""
 
-    def __init__(self, *argv: str) -> None:
+    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "django", *argv],
             cwd=ROOT,
-            env=subprocess_env(),
+            env=env or subprocess_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -131,6 +131,18 @@ def test_stop_signal_lets_the_current_unit_finish_and_commit_then_exits_0(sig, w
     # Closed by the command itself (a clean protocol goodbye), not dropped by the dying process.
     assert abandoned_sessions(server) == abandoned
     assert rows() == ["w1-end", "w1-start"]
+
+
+def test_a_message_fetched_after_sigterm_is_never_started(worker):
+    """SIGTERM while the source blocks in next(): what it then returns goes to message_not_started(), exit 0."""
+    w = worker("fc_blocking_worker")
+    w.wait_for("SOURCE-BLOCKING")
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.finish() == 0, w.stderr()
+    assert "HANDLED first" in w.out
+    assert "NOT-STARTED late" in w.out
+    assert "HANDLED late" not in w.out
+    assert rows() == ["first"]
 
 
 def test_a_second_signal_stops_at_once_and_the_open_transaction_rolls_back(worker):

@@ -110,6 +110,7 @@ def live(transactional_db: None) -> Iterator[None]:
         _close_quietly(conn)
     freshconn.reset_stats()
     _outage.reset()
+    _state.local().needs_reconnect.clear()  # a reconnect an earlier test left pending in this thread
     yield
     for conn in connections.all(initialized_only=True):
         if conn.in_atomic_block:

@@ -216,6 +216,7 @@ def boundary(conn: BaseDatabaseWrapper, cfg: conf.Config) -> None:
     alias = conn.alias
     _stats.count_unit(frozenset((alias,)))
     thread = local()
+    thread.adopted = True
     if not thread.seeded:
         seed()
     now = _monotonic()

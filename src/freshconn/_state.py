@@ -23,8 +23,8 @@ from typing import Any
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
-from . import _django, _drivers, _policy, _pool, _stats, conf
-from ._aliases import is_server_vendor
+from . import _django, _drivers, _outage, _policy, _pool, _stats, conf
+from ._aliases import is_server_vendor, server_aliases
 from ._errors import is_database_error, is_disconnect, is_read_only, is_unsent
 from ._sql import COMMIT, WRITE, classify
 from .signals import connection_discarded
@@ -162,6 +162,8 @@ class _Thread(threading.local):
 
     seeded = False
     async_open = 0
+    #: The thread runs a loop whose close_old_connections() calls freshconn adopted as unit boundaries.
+    adopted = False
     #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
     active: Any = None
 
@@ -248,16 +250,48 @@ def state_of(conn: BaseDatabaseWrapper) -> ConnState:
 
 
 def register(conn: BaseDatabaseWrapper) -> None:
-    """Manage ``conn``, this thread's wrapper for its alias: registry, statement hook, adoption step."""
+    """Manage ``conn``, this thread's wrapper for its alias: registry and hooks."""
     _local.wrappers[conn.alias] = conn
-    if not getattr(conn, _HOOKED_ATTR, False):
-        setattr(conn, _HOOKED_ATTR, True)
-        # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
-        # execute_wrapper() context manager, which pops from the end, never removes it.
-        conn.execute_wrappers.insert(0, statement_hook)
-        setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
-        for hook in on_register:
-            hook(conn)
+    hook(conn)
+
+
+def hook(conn: BaseDatabaseWrapper) -> None:
+    """Install freshconn's hooks on this wrapper instance (once): statement, COMMIT, connect, adoption."""
+    if getattr(conn, _HOOKED_ATTR, False):
+        return
+    setattr(conn, _HOOKED_ATTR, True)
+    # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
+    # execute_wrapper() context manager, which pops from the end, never removes it.
+    conn.execute_wrappers.insert(0, statement_hook)
+    setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
+    setattr(conn, _django.CONNECT_STEP, types.MethodType(connect_step, conn))
+    for extra in on_register:
+        extra(conn)
+
+
+def connect_step(conn: BaseDatabaseWrapper) -> None:
+    """freshconn's ``ensure_connection()`` on a managed wrapper: Django's, patient inside units.
+
+    A unit (or a loop whose close_old_connections() freshconn adopted) that has to open a
+    connection while its server is down (a restart, a failover, a worker starting during an
+    outage) waits for the server, up to RECONNECT_TIMEOUT, instead of failing at its first query.
+    Elsewhere (the web tier, code outside units) Django's behaviour is unchanged.
+    """
+    if conn.connection is not None:
+        return
+    try:
+        type(conn).ensure_connection(conn)
+    except Exception as exc:
+        thread = _local
+        timeout = (conf._current or conf.get()).reconnect_timeout
+        if (
+            timeout <= 0
+            or not (thread.stack or thread.async_open or thread.adopted)
+            or conn.in_atomic_block
+            or not is_disconnect(exc)
+        ):
+            raise
+        _outage.connect_patiently(conn, timeout, failed=exc)
 
 
 def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
@@ -290,11 +324,17 @@ def _pools_on_change(**kwargs: Any) -> None:
 
 
 def seed() -> None:
-    """Connections this thread opened before freshconn was wired never reached our receiver."""
+    """At a thread's first unit: manage the connections it opened before freshconn was wired, and
+    hook the wrappers of every server alias, so that even a first connect is patient."""
+    from django.db import connections
+
     _local.seeded = True
     for conn in _django.initialized_wrappers():
         if conn.connection is not None and is_server_vendor(conn.vendor):
             state_of(conn)
+    for alias in server_aliases(None):
+        # Creating this thread's wrapper opens nothing; it stays out of the per-unit loop until it connects.
+        hook(connections[alias])
 
 
 def reconfigure(**kwargs: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -36,6 +37,10 @@ COUNTERS = (
 # Reentrant: dropping the last reference to an ended thread's counters inside stats() runs their
 # __del__, which takes the lock again in the same thread.
 _lock = threading.RLock()
+# Fork-safe: held across fork() by the forking thread, so that no other thread of the parent holds it
+# in the child (where that thread no longer exists); Python's after-fork clean-up of the other
+# threads' thread-locals runs __del__ above, which then re-enters it instead of blocking forever.
+os.register_at_fork(before=_lock.acquire, after_in_parent=_lock.release, after_in_child=_lock.release)
 #: Counts of threads that have ended, folded in when their per-thread counters are collected.
 _retired: dict[str, dict[str, int]] = {}
 

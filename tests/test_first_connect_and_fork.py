@@ -1,20 +1,15 @@
-"""Gaps in the core found while proving issue 8 with real workers (strict xfail until fixed).
+"""A unit's first connect waits for a down server too; freshconn's locks survive a fork.
 
-1. A unit (or an adopted close_old_connections() boundary) waits for a server that is down only when
-freshconn itself found the connection dead or broken. When it closes the connection for another
-reason (idle past the server's limit, its lifetime), or there is no connection yet, the unit's first
-query connects through Django at once and fails with "connection refused" while the server restarts.
-Real shapes that meet it: a tick loop whose tick is longer than the server's idle limit, a worker
-idle past the server's wait_timeout or past CONN_MAX_AGE when its database restarts, a worker that
-starts during an outage.
+Found while proving issue 8 with real workers:
 
-2. freshconn's counters' lock is not fork-safe: a child forked while another thread of the parent
-holds it (inside ``freshconn.stats()``: a Prometheus scrape, a STATS_LOG_INTERVAL line; or a thread
-starting its first unit, or ending) inherits it held by a thread that does not exist in the child.
-The child then blocks forever, often at the fork itself: Python's after-fork cleanup drops the other
-threads' thread-locals, and ``_ThreadCounts.__del__`` takes the lock (seen with gdb in this test);
-otherwise at its first ``stats()``. Forking parents with such a thread: RQ's forking worker,
-Celery's prefork pool, gunicorn with a preloaded app.
+1. A unit (or an adopted close_old_connections() boundary) must wait for a server that is down
+whatever closed its previous connection (idle past the server's limit, its lifetime) and when it
+has none yet (a worker starting during an outage): its first query's connect is patient.
+
+2. freshconn's locks must be fork-safe: a child forked while another thread of the parent holds one
+(inside ``freshconn.stats()``: a Prometheus scrape, a STATS_LOG_INTERVAL line; a thread starting its
+first unit, or ending) must not inherit it held by a thread that does not exist in the child.
+Forking parents with such a thread: RQ's forking worker, Celery's prefork pool, gunicorn.
 """
 
 from __future__ import annotations
@@ -33,8 +28,6 @@ import freshconn
 from freshconn import _state
 from tests.app.models import Order
 from tests.conftest import IDLE_PAST_TIMEOUT, counters, short_server_timeout_options
-
-GAP = "core gap: a unit waits for a down server only after freshconn found its connection dead"
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +49,6 @@ def run_unit_while_server_restarts(server) -> int:
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=GAP, raises=Exception)
 def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(dbconf: Callable[..., None], server):
     """A connection idle past the server's limit is closed at the unit's start; a down server is then waited for."""
     dbconf(CONN_MAX_AGE=0, OPTIONS=short_server_timeout_options())
@@ -69,7 +61,6 @@ def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(dbconf: 
 
 @pytest.mark.server
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=GAP, raises=Exception)
 def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callable[..., None], server):
     """A unit that has no connection yet (a worker starting during an outage) waits for the server."""
     dbconf(CONN_MAX_AGE=0, OPTIONS={})
@@ -78,7 +69,6 @@ def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callabl
     assert counters()["reconnect_waits"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="core gap: freshconn's counters' lock is inherited held by a fork")
 def test_stats_in_a_child_forked_while_another_thread_reads_them():
     """A child forked while another thread is inside freshconn.stats() can read its own counters."""
     stop = threading.Event()

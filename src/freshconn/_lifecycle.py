@@ -217,6 +217,7 @@ def boundary(conn: BaseDatabaseWrapper, cfg: conf.Config) -> None:
     _stats.count_unit(frozenset((alias,)))
     thread = local()
     thread.adopted = True
+    thread.lost = False
     if not thread.seeded:
         seed()
     now = _monotonic()

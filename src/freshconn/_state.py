@@ -164,6 +164,9 @@ class _Thread(threading.local):
     async_open = 0
     #: The thread runs a loop whose close_old_connections() calls freshconn adopted as unit boundaries.
     adopted = False
+    #: The acting unit already lost a connection: its later connects (Django reconnects in
+    #: Atomic.__exit__, for one) fail fast; the next unit, or the retry, is the one that waits.
+    lost = False
     #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
     active: Any = None
 
@@ -287,6 +290,7 @@ def connect_step(conn: BaseDatabaseWrapper) -> None:
         if (
             timeout <= 0
             or not (thread.stack or thread.async_open or thread.adopted)
+            or thread.lost
             or conn.in_atomic_block
             or not is_disconnect(exc)
         ):
@@ -384,7 +388,10 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any
         if state is not None:
             state.doomed = "read_only"
         return  # refused by the server: nothing was applied
-    if active is None or not is_disconnect(exc):
+    if not is_disconnect(exc):
+        return
+    _local.lost = True
+    if active is None:
         return
     tracker: Tracker = active.record()
     kind = classify(sql)
@@ -435,6 +442,8 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
     try:
         return type(conn)._commit(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
+        if is_disconnect(exc):
+            _local.lost = True
         active = _local.active
         if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
             _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None))

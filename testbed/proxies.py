@@ -25,13 +25,25 @@ class HAProxy(Server):
 
     ``timeout client`` and ``timeout server`` are both ``idle_timeout``: a connection on which
     neither side sends anything for that long is closed on both sides, as a cloud load balancer does.
+    ``host`` / ``prefix`` run it inside a network namespace (like ``Server``), ``backend_host`` is
+    where the server listens. ``restart()`` / ``down()`` / ``up()`` stop the process (every client
+    and server connection through it is cut at once) and start it again on the same port.
     """
 
     def __init__(
-        self, backend_port: int, idle_timeout: float, *, connect_timeout: float = 5.0, standby_port: int | None = None
+        self,
+        backend_port: int,
+        idle_timeout: float,
+        *,
+        connect_timeout: float = 5.0,
+        standby_port: int | None = None,
+        backend_host: str = "127.0.0.1",
+        host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(host=host, prefix=list(prefix or []))
         self.backend_port = backend_port
+        self.backend_host = backend_host
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         #: A second server, in maintenance until switch_over(): a failover's new primary.
@@ -54,9 +66,9 @@ class HAProxy(Server):
                 f"    timeout client {idle_ms}\n"
                 f"    timeout server {idle_ms}\n"
                 "listen db\n"
-                f"    bind 127.0.0.1:{self.port}\n"
-                f"    server backend 127.0.0.1:{self.backend_port}\n"
-                + (f"    server standby 127.0.0.1:{self.standby_port} disabled\n" if self.standby_port else "")
+                f"    bind {self.host}:{self.port}\n"
+                f"    server backend {self.backend_host}:{self.backend_port}\n"
+                + (f"    server standby {self.backend_host}:{self.standby_port} disabled\n" if self.standby_port else "")
             )
         self._config = config
         self._launch()
@@ -85,7 +97,7 @@ class HAProxy(Server):
         """Start (or, after down(), restart) HAProxy on the same port with the same configuration."""
         binary = _which("haproxy", "/usr/sbin/haproxy")
         # -db: stay in the foreground, so self.proc is the process that serves (stopped by its PID).
-        self._spawn([binary, "-db", "-f", self._config], "haproxy.log")
+        self._spawn([*self.prefix, binary, "-db", "-f", self._config], "haproxy.log")
 
 
 class PgBouncer(Server):

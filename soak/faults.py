@@ -115,9 +115,15 @@ class Injector:
 
     # -- idle faults: the batch is drained first, the worker waits for its next message ----------
 
-    def _idle_expiry(self, fault: Fault, batch: int, drain: Callable[[], None]) -> None:
-        self.push(batch)
+    def _idle_then(self, batch: int, drain: Callable[[], None]) -> int:
+        """Queue most of the batch and let the worker finish it; the rest comes after the fault (returned)."""
+        after = max(1, batch // 3)
+        self.push(batch - after)
         drain()
+        return after
+
+    def _idle_expiry(self, fault: Fault, batch: int, drain: Callable[[], None]) -> None:
+        after = self._idle_then(batch, drain)
         admin = self.bed.admin()  # its own session: the request runs in the worker thread
         vendor = self.vendor
 
@@ -143,6 +149,7 @@ class Injector:
             session = self.pool.run_in_worker(0, expire)
         finally:
             admin.close()
+        self.push(after)  # the next message meets the expired session
         if session is None:
             fault.note = "the worker had no open connection"
             return
@@ -184,12 +191,13 @@ class Injector:
     def _proxy(self, fault: Fault, batch: int, drain: Callable[[], None]) -> None:
         assert self.bed.proxy is not None
         fault.variant = self._variant("proxy", PROXY_VARIANTS)
-        self.push(batch)
         if fault.variant == "idle_drop":
-            drain()
+            after = self._idle_then(batch, drain)
             session = self._session()
             time.sleep(PROXY_IDLE + 0.5)
+            self.push(after)  # the next message meets the dropped connection
         else:
+            self.push(batch)
             self._soon()
             session = self._session()
             self.bed.proxy.restart(down_for=self.rng.uniform(0.0, 0.5))

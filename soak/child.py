@@ -222,6 +222,12 @@ def summarize(
             if not a["fault"].startswith("commit_loss")
         ],
         "settled": sum(1 for a in ledger.ambiguous if a["settled"]),
+        "settle_s_max": max((a["settle_s"] for a in ledger.ambiguous), default=0.0),
+        "not_settled": [
+            {k: a[k] for k in ("fault", "backend_id", "session_now", "settle_s", "applied")}
+            for a in ledger.ambiguous
+            if not a["settled"]
+        ],
         "found_applied": sum(1 for a in ledger.ambiguous if a["applied"]),
         "found_not_applied": sum(1 for a in ledger.ambiguous if not a["applied"]),
     }

@@ -59,7 +59,10 @@ def soak_table(results: list[dict[str, Any]]) -> str:
 
     def reconcile(r: dict[str, Any]) -> str:
         a = r["ambiguous_commit_errors"]
-        return f"{a['settled']} settled; {a['found_applied']} applied, {a['found_not_applied']} redelivered"
+        return (
+            f"{a['settled']} settled (max {a['settle_s_max']:.1f}s); "
+            f"{a['found_applied']} applied, {a['found_not_applied']} redelivered"
+        )
 
     def stat(name: str) -> Callable[[dict[str, Any]], Any]:
         return lambda r: r.get("stats", {}).get(name, "-")

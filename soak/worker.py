@@ -252,14 +252,19 @@ class Pool:
                 self.ledger.event(self.ledger.replays_stopped, msg_id=msg.msg_id, delivery=delivery)
                 self._ack(client, wid, msg)
             except freshconn.AmbiguousCommitError as exc:
-                # docs/retries.md: wait until the old session is gone, then the outcome is final.
+                # docs/retries.md: wait until the old session is gone, then the outcome is final. A row
+                # that is there is there for good; an absent one after a False is made safe by the key.
+                started = time.monotonic()
                 settled = exc.wait_until_settled(timeout=60.0)
+                settle_s = time.monotonic() - started
                 applied = is_applied(msg.msg_id)
                 self.ledger.event(
                     self.ledger.ambiguous,
                     msg_id=msg.msg_id,
                     backend_id=exc.backend_id,
+                    session_now=self.ledger.sessions.get(wid),
                     settled=settled,
+                    settle_s=round(settle_s, 3),
                     applied=applied,
                     cause=short_error(exc.__cause__) if exc.__cause__ else None,
                 )

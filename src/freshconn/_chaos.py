@@ -175,18 +175,18 @@ class ChaosPlugin:
         import django
         from django.db import connections
 
-        from . import _lifecycle, _state, _wiring
+        from . import _lifecycle, _state
 
-        _wiring.wire()  # every new connection is registered, even in code that never opens a unit
+        _state.wire()  # every new connection is registered, even in code that never opens a unit
         _state.on_register.append(self._add_hook)
         for conn in connections.all(initialized_only=True):
             if getattr(conn, "_freshconn_hooked", False):
                 self._add_hook(conn)
         original = _lifecycle.begin
 
-        def begin(scope: Any, *, count: bool = True) -> None:
+        def begin(scope: Any, count: bool = True) -> None:
             self._at_unit_start(scope)
-            original(scope, count=count)
+            original(scope, count)
 
         _lifecycle.begin = begin
         here = os.path.dirname(os.path.abspath(__file__))
@@ -241,9 +241,9 @@ class ChaosPlugin:
         raw = conn.connection
         if raw is None or not _server(conn):
             return None
-        tracker = _state.local().tracker
+        active = _state.local().active  # the innermost acting unit (one attempt of a retrying one)
         in_unit = _units.in_unit()
-        attempt = id(tracker) if in_unit and tracker is not None else 0
+        attempt = id(active) if in_unit and active is not None else 0
         key = (id(raw), attempt)
         tls = self._tls
         if tls.last.get(conn.alias) != key:
@@ -252,7 +252,7 @@ class ChaosPlugin:
             return None  # the first statement on this connection (in this unit attempt): nothing is between
         tls.count[conn.alias] += 1
         if in_unit:
-            return SITE_MID_UNIT if tracker is not None and tracker.tracking else None
+            return SITE_MID_UNIT if active is not None and active.tracking else None
         return SITE_OUTSIDE if self._caller_is_code_under_test() else None
 
     def _caller_is_code_under_test(self) -> bool:

@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=100, help="fleet: worker threads")
     parser.add_argument("--restarts", type=int, default=5, help="fleet: server restarts")
     parser.add_argument("--down", type=float, default=2.0, help="fleet: seconds the server stays down")
+    parser.add_argument("--gap", type=float, default=3.0, help="fleet: seconds of steady work between restarts")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.faults is None:

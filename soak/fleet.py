@@ -3,7 +3,8 @@
 Each of ``--threads`` threads runs the README's shape, ``for tick in freshconn.each(ticks)`` with a
 ``@freshconn.unit_of_work(retries=3)`` handler that sends a SELECT, 20-80 ms apart (a worker with
 a steady trickle of messages). The server is stopped cleanly (every session is cut at once),
-stays down ``--down`` seconds, and is started again, ``--restarts`` times.
+stays down ``--down`` seconds, and is started again, ``--restarts`` times, ``--gap`` to ``--gap`` + 1
+seconds after every thread was back from the previous restart (a short gap is a flapping server).
 
 Every connection attempt is timed at the driver boundary (Django's ``get_new_connection``, wrapped
 for the run: the attempts freshconn makes and any other), with its thread and its error code.
@@ -122,7 +123,8 @@ def run_fleet(args: argparse.Namespace, bed: Bed) -> dict[str, Any]:
     try:
         time.sleep(3.0)  # every thread connected and busy
         for r in range(args.restarts):
-            time.sleep(rng.uniform(1.0, 2.0))
+            # Steady work between restarts: --gap seconds (+ up to 1 s) after every thread was back.
+            time.sleep(args.gap + rng.uniform(0.0, 1.0))
             t_stop = time.monotonic()
             server.down()
             t_stopped = time.monotonic()
@@ -256,6 +258,7 @@ def _summarize(
         "seed": args.seed,
         "threads": args.threads,
         "down_s": args.down,
+        "gap_s": args.gap,
         "restarts": per_restart,
         "attempts_per_100ms_max": max(bins_all, default=0),
         "attempts_per_100ms_mean": round(statistics.fmean(bins_all), 2) if bins_all else 0,

@@ -110,6 +110,7 @@ def fleet_table(results: list[dict[str, Any]]) -> str:
         ("threads", lambda r: r["threads"]),
         ("restarts", lambda r: len(r["restarts"])),
         ("server down per restart (s)", lambda r: r["down_s"]),
+        ("steady work between restarts (s)", lambda r: f"{r['gap_s']:g}-{r['gap_s'] + 1:g}"),
         ("attempts per 100 ms while down: max", lambda r: r["attempts_per_100ms_max"]),
         ("attempts per 100 ms while down: mean", lambda r: r["attempts_per_100ms_mean"]),
         ("stats() reconnect_attempts per 100 ms: max", lambda r: r["stats_attempts_per_100ms_max"]),

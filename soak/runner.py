@@ -57,6 +57,7 @@ def run_child(driver: str, mode: str, args: argparse.Namespace, out: Path) -> di
         f"--threads={args.threads}",
         f"--restarts={args.restarts}",
         f"--down={args.down}",
+        f"--gap={args.gap}",
         f"--out={out_file}",
     ]
     if args.faults is not None:
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=100, help="fleet: threads (default 100)")
     parser.add_argument("--restarts", type=int, default=5, help="fleet: server restarts (default 5)")
     parser.add_argument("--down", type=float, default=2.0, help="fleet: seconds down per restart (default 2)")
+    parser.add_argument(
+        "--gap", type=float, default=3.0, help="fleet: seconds of steady work between restarts (default 3, +0-1 s)"
+    )
     parser.add_argument("--progress", type=int, default=100, help="a progress line every N faults (0: none)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)

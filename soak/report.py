@@ -47,25 +47,25 @@ def _kind(kind: str) -> Callable[[dict[str, Any]], str]:
 def soak_table(results: list[dict[str, Any]]) -> str:
     def amb(r: dict[str, Any]) -> str:
         a = r["ambiguous_commit_errors"]
-        return f"{a['total']} ({a['from_commit_loss_faults']} + {len(a['other'])} other)"
+        return f"{a['total']} ({a['from_commit_loss_faults']} + {len(a['other'])})"
 
     def commit_loss(r: dict[str, Any]) -> str:
         c = r["commit_loss"]
-        return f"{c['in_flight']} in flight, {c['surfaced_as_ambiguous']} surfaced, {c['not_in_flight']} not in flight"
+        return f"{c['in_flight']} / {c['surfaced_as_ambiguous']} / {c['not_in_flight']}"
 
     def server_side(r: dict[str, Any]) -> str:
         c = r["commit_loss"]
-        return f"{c['server_committed']} committed / {c['server_rolled_back']} rolled back"
+        return f"{c['server_committed']} / {c['server_rolled_back']}"
 
     def reconcile(r: dict[str, Any]) -> str:
         a = r["ambiguous_commit_errors"]
-        return (
-            f"{a['settled']} settled (max {a['settle_s_max']:.1f}s); "
-            f"{a['found_applied']} applied, {a['found_not_applied']} redelivered"
-        )
+        return f"{a['settled']} / {a['settle_s_max']:.1f} / {a['found_applied']} / {a['found_not_applied']}"
 
     def stat(name: str) -> Callable[[dict[str, Any]], Any]:
         return lambda r: r.get("stats", {}).get(name, "-")
+
+    def restarts_during(kind: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda r: r["worker_restarts_by_fault"].get(kind, 0)
 
     rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("mode", lambda r: r["mode"]),
@@ -76,12 +76,14 @@ def soak_table(results: list[dict[str, Any]]) -> str:
         ("applied twice", lambda r: r["applied_twice"]),
         ("replays stopped by the UNIQUE key", lambda r: r["replays_stopped_by_unique"]),
         ("worker restarts", lambda r: r["worker_restarts"]),
-        ("  by fault in progress", lambda r: _by_fault(r["worker_restarts_by_fault"])),
+    ]
+    rows += [(f"  during {kind}", restarts_during(kind)) for kind in KINDS]
+    rows += [
         ("redelivered", lambda r: r["redelivered"]),
-        ("AmbiguousCommitErrors", amb),
-        ("COMMIT-loss faults", commit_loss),
-        ("  held COMMITs, server side", server_side),
-        ("  reconciled (wait_until_settled)", reconcile),
+        ("AmbiguousCommitErrors (COMMIT loss + other)", amb),
+        ("COMMIT-loss faults: in flight / surfaced / not", commit_loss),
+        ("  server committed / rolled back", server_side),
+        ("  reconciled: settled / max s / applied / redone", reconcile),
         ("longest delivery (s)", lambda r: r["longest_delivery_s"]),
         ("faults attempted / injected / verified", _total),
     ]
@@ -94,10 +96,6 @@ def soak_table(results: list[dict[str, Any]]) -> str:
     if notes:
         out += "\n" + "\n".join(f"note: {n}" for n in notes)
     return out
-
-
-def _by_fault(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
 
 
 def _total(r: dict[str, Any]) -> str:

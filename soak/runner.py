@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--progress", type=int, default=100, help="a progress line every N faults (0: none)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: print the table and verdicts of the results in --out"
+    )
     args = parser.parse_args(argv)
     drivers = parse_drivers(args.drivers)
     if args.messages < 1 or args.workers < 1 or args.threads < 1:
@@ -99,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     mode_name = "fleet" if args.fleet else "control" if args.control else "soak"
     results = []
     for driver in drivers:
-        result = run_child(driver, mode_name, args, args.out)
+        if args.report:
+            with open(args.out / f"{mode_name}-{driver}.json") as fh:
+                result = json.load(fh)
+        else:
+            result = run_child(driver, mode_name, args, args.out)
         shown = {k: v for k, v in result.items() if k not in ("fault_log", "samples", "restarts")}
         print(json.dumps(shown, sort_keys=True), flush=True)
         results.append(result)

@@ -39,6 +39,16 @@ def parse_drivers(values: list[str]) -> list[str]:
     return drivers
 
 
+def one_line(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without its long lists (every fault, every AmbiguousCommitError): those stay in the file."""
+    shown = {k: v for k, v in result.items() if k not in ("fault_log", "samples", "restarts", "replays_stopped_detail")}
+    if "ambiguous_commit_errors" in shown:
+        ambiguous = dict(shown["ambiguous_commit_errors"])
+        ambiguous["other"] = len(ambiguous.get("other", []))
+        shown["ambiguous_commit_errors"] = ambiguous
+    return shown
+
+
 def run_child(driver: str, mode: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     out_file = out / f"{mode}-{driver}.json"
     env = dict(os.environ)
@@ -107,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = json.load(fh)
         else:
             result = run_child(driver, mode_name, args, args.out)
-        shown = {k: v for k, v in result.items() if k not in ("fault_log", "samples", "restarts")}
-        print(json.dumps(shown, sort_keys=True), flush=True)
+        print(json.dumps(one_line(result), sort_keys=True), flush=True)
         results.append(result)
     print()
     if args.fleet:

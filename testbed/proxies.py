@@ -57,6 +57,7 @@ class HAProxy(Server):
         self.tmp = tempfile.mkdtemp(prefix="fc-hap-")
         self.port = self.port or free_port()
         idle_ms = max(1, int(self.idle_timeout * 1000))
+        standby = f"    server standby {self.backend_host}:{self.standby_port} disabled\n" if self.standby_port else ""
         config = os.path.join(self.tmp, "haproxy.cfg")
         with open(config, "w") as f:
             self._admin_socket = os.path.join(self.tmp, "admin.sock")
@@ -71,8 +72,7 @@ class HAProxy(Server):
                 f"    timeout server {idle_ms}\n"
                 "listen db\n"
                 f"    bind {self.host}:{self.port}\n"
-                f"    server backend {self.backend_host}:{self.backend_port}\n"
-                + (f"    server standby {self.backend_host}:{self.standby_port} disabled\n" if self.standby_port else "")
+                f"    server backend {self.backend_host}:{self.backend_port}\n" + standby
             )
         self._config = config
         self._launch()

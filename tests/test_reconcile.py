@@ -113,6 +113,12 @@ def relay(server: Any) -> Iterator[Relay]:
 
 
 def _cut_when_held(hold: CommitHold, relay: Relay, seen: list[int]) -> Callable[[], None]:
+    """Cut the relay's clients once the COMMIT is held; accept connections again half a second later.
+
+    Django reconnects right after the failed COMMIT; that reconnect is refused, then (freshconn
+    waiting patiently) lets the unit end once the path is back, as after a proxy restart.
+    """
+
     def run() -> None:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -120,6 +126,8 @@ def _cut_when_held(hold: CommitHold, relay: Relay, seen: list[int]) -> Callable[
             if session is not None:
                 seen.append(session)
                 relay.cut()
+                time.sleep(0.5)
+                relay.listen()
                 return
             time.sleep(0.01)
 
@@ -140,7 +148,6 @@ def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_
         cutter.join()
     exc = err.value
     assert seen == [exc.backend_id]
-    relay.listen()  # the path is back: wait_until_settled() can ask the server
 
     # The server still holds the COMMIT (it knows nothing of the cut): not settled, and a read now
     # says "absent" although the transaction is about to be applied.
@@ -167,7 +174,6 @@ def test_wait_until_settled_after_the_server_rolled_the_commit_back(dbconf, comm
     finally:
         cutter.join()
     exc = err.value
-    relay.listen()
     assert exc.backend_id is not None
     commit_hold._run(
         commit_hold.admin,

@@ -63,6 +63,19 @@ class BlackHoleNet:
         _run(*self.prefix(), "iptables", "-I", *rule)
         self._rules.append(rule)
 
+    def dropped(self) -> int:
+        """Packets the DROP rules in place have swallowed so far (proof that a black hole met real traffic)."""
+        out = subprocess.run(
+            [*self.prefix(), "iptables", "-L", "INPUT", "-v", "-x", "-n"], check=True, capture_output=True, text=True
+        ).stdout
+        total = 0
+        for line in out.splitlines():
+            fields = line.split()
+            # "pkts bytes target prot opt in out source destination [match...]"
+            if len(fields) > 2 and fields[2] == "DROP" and fields[0].isdigit():
+                total += int(fields[0])
+        return total
+
     def restore(self) -> None:
         while self._rules:
             rule = self._rules.pop()

@@ -1,0 +1,3 @@
+from soak.runner import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""freshconn.contrib.faust in a real Faust worker process with the Kafka-protocol broker (Tansu)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from testbed.servers import Tansu
+
+from tests.queue_tasks.faults import expect_failure_after_idle, run_scenario
+from tests.queue_tasks.harness import WorkerProcess, collect, errors, redis_client, redis_server, worker_env
+
+faust = pytest.importorskip("faust")
+confluent_kafka = pytest.importorskip("confluent_kafka")
+
+__all__ = ["redis_client", "redis_server"]  # fixtures used by the tests below
+
+pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.kafka, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def kafka() -> Iterator[Tansu]:
+    with Tansu() as srv:
+        yield srv
+
+
+def new_topic(kafka: Tansu) -> str:
+    """A fresh one-partition topic (Faust's events arrive in order, one consumer)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    name = f"faust-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    for future in admin.create_topics([NewTopic(name, 1, 1)]).values():
+        future.result(10)
+    return name
+
+
+def sender(kafka: Tansu, topic: str) -> Callable[[list[str]], None]:
+    def send(refs: list[str]) -> None:
+        producer = confluent_kafka.Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 5})
+        for ref in refs:
+            producer.produce(topic, value=ref.encode())
+        assert producer.flush(10) == 0
+
+    return send
+
+
+def worker(env: dict[str, str], kafka: Tansu, topic: str, datadir: Path) -> WorkerProcess:
+    env = {
+        **env,
+        "FRESHCONN_TEST_KAFKA": kafka.bootstrap,
+        "FRESHCONN_TEST_FAUST_TOPIC": topic,
+        "FRESHCONN_TEST_FAUST_ID": f"app-{topic}",
+        "FRESHCONN_TEST_FAUST_DATA": str(datadir),
+    }
+    argv = ["-m", "faust", "-A", "tests.queue_tasks.faust_app", "worker", "-l", "warn", "--without-web"]
+    return WorkerProcess(argv, env, stop_timeout=10)
+
+
+def test_events_ride_idle_kill_and_restart_on_a_persistent_connection(
+    live, server, kafka, redis_server, redis_client, tmp_path
+):
+    """Each event a unit: no connect or ping while busy; idle, KILL and a restart cost no event; each applied once."""
+    topic = new_topic(kafka)
+    with worker(worker_env(redis_server), kafka, topic, tmp_path) as w:
+        send = sender(kafka, topic)
+        phases = run_scenario(send, redis_client, w, server)
+        # An event whose connection dies under it crashes its actor: the unit ends with that
+        # error (the connection is discarded at once) and Faust's restarted actor carries on.
+        send(["crash-0"])
+        assert errors(collect(redis_client, 1, w)) == []
+        send([f"after-crash-{i}" for i in range(4)])
+        after = collect(redis_client, 4, w)
+        log = w.output()
+    assert len({r["thread"] for r in phases["busy"]}) == 1  # the async ORM's one thread
+    assert errors(after) == []
+    assert max(r["stats"]["discarded_error"] for r in after) == 1
+    assert "OperationalError" in log
+
+
+def test_without_freshconn_an_event_fails_after_idle_past_server_timeout(
+    live, kafka, redis_server, redis_client, tmp_path
+):
+    """Contrast: the same worker with Faust's own Agent fails its first event after the server's idle timeout."""
+    topic = new_topic(kafka)
+    with worker(worker_env(redis_server, integration=False), kafka, topic, tmp_path) as w:
+        send = sender(kafka, topic)
+        assert len(expect_failure_after_idle(send, redis_client, w)) == 1
+        # Nothing closes the broken connection: every later event fails on it too (faust-streaming #666).
+        send(["plain-2"])
+        assert len(errors(collect(redis_client, 1, w))) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +11,8 @@ import celery
 import pytest
 from celery import Celery
 
-from tests.conftest import IDLE_PAST_TIMEOUT
+from freshconn import _inspect
+from tests.conftest import DRIVER, IDLE_PAST_TIMEOUT
 from tests.queue_tasks import PARENT_KEY
 from tests.queue_tasks.harness import (
     WorkerProcess,
@@ -114,13 +116,18 @@ def app_sessions() -> int:
         return int(cursor.fetchone()[0])
 
 
+PSYCOGREEN_MISSING = "psycopg2 under the gevent pool without psycogreen"
+
+
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_greenlet_pool_tasks_are_units_and_finished_greenlets_leave_no_session(
     live, redis_server, redis_client, producer, pool
 ):
     """gevent/eventlet: each task a unit in its greenlet, after idle too; finished greenlets leave no session open."""
     pytest.importorskip(pool)
-    with worker(pool, 4, worker_env(redis_server)) as w:
+    # psycopg2 is set up as it should be under gevent: made cooperative by psycogreen.
+    green = "1" if pool == "gevent" and DRIVER == "psycopg2" else "0"
+    with worker(pool, 4, worker_env(redis_server, FRESHCONN_TEST_PSYCOGREEN=green)) as w:
         send(producer, *(f"{pool}-{i}" for i in range(8)))
         first = collect(redis_client, 8, w)
         time.sleep(IDLE_PAST_TIMEOUT)
@@ -128,4 +135,33 @@ def test_greenlet_pool_tasks_are_units_and_finished_greenlets_leave_no_session(
         after = collect(redis_client, 4, w)
         assert [r.get("error") for r in first + after] == [None] * 12
         assert app_sessions() == 0
+        assert PSYCOGREEN_MISSING not in w.output(tail=None)
     assert row_count() == 12
+
+
+def wait_for_log(w: WorkerProcess, text: str, timeout: float = 30.0) -> str:
+    """The worker's whole log once it contains ``text`` (or the time is up, or the worker exited)."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := w.output(tail=None)) and time.monotonic() < deadline:
+        if w.proc is not None and w.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    return log
+
+
+def test_pool_start_up_warns_when_concurrency_exceeds_max_connections(live, redis_server):
+    """gevent and threads workers of max_connections + 1 log W010 at start; psycopg2 without psycogreen is an error."""
+    if "gevent" not in sys.modules:
+        pytest.importorskip("gevent")
+    limit = _inspect.inspect("default").max_connections
+    assert limit
+    env = worker_env(redis_server)
+    with worker("gevent", limit + 1, env) as green, worker("threads", limit + 1, env) as threads:
+        logs = {pool: wait_for_log(w, " ready.") for pool, w in (("gevent", green), ("threads", threads))}
+    for pool, log in logs.items():
+        assert f"{pool} pool: A pool of {limit + 1} threads or greenlets" in log, log
+        assert f"max_connections={limit}" in log
+        assert "(freshconn.W010)" in log
+    # Only psycopg2 blocks the hub: psycopg 3 and the MySQL drivers are made cooperative by gevent itself.
+    assert (PSYCOGREEN_MISSING in logs["gevent"]) == (DRIVER == "psycopg2"), logs["gevent"]
+    assert PSYCOGREEN_MISSING not in logs["threads"]

@@ -88,9 +88,11 @@ class WorkerProcess:
             proc.wait(10)
         self.proc = None
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 6000) -> str:
+        """What the process wrote so far (its last ``tail`` characters; None: all of it)."""
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-6000:]
+        text = self.log.read().decode(errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 def collect(client: Any, n: int, worker: WorkerProcess, timeout: float = 60.0, key: str = REPORTS_KEY) -> list[Any]:

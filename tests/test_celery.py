@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +19,10 @@ from tests.queue_tasks.harness import (
     assert_busy_reuse,
     assert_recovered_after_idle,
     collect,
+    one_driver_per_vendor,
     redis_client,
+    redis_db,
+    redis_db_client,
     redis_server,
     row_count,
     worker_env,
@@ -32,9 +35,13 @@ pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
 TASK = "freshconn_tests.record"
 
 
+def producer_for(redis_server: Any, db: int) -> Celery:
+    return Celery(f"freshconn_tests_producer_{db}", broker=redis_db(redis_server, db), fixups=[])
+
+
 @pytest.fixture
 def producer(redis_server: Any) -> Iterator[Celery]:
-    app = Celery("freshconn_tests_producer", broker=redis_server.url, fixups=[])
+    app = producer_for(redis_server, 0)
     try:
         yield app
     finally:
@@ -46,7 +53,7 @@ def send(producer: Celery, *refs: str) -> None:
         producer.send_task(TASK, args=[ref])
 
 
-def worker(pool: str, concurrency: int, env: dict[str, str]) -> WorkerProcess:
+def worker(pool: str, concurrency: int, env: dict[str, str], name: str = "celery") -> WorkerProcess:
     return WorkerProcess(
         [
             "-m",
@@ -56,6 +63,7 @@ def worker(pool: str, concurrency: int, env: dict[str, str]) -> WorkerProcess:
             "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
+            f"--hostname={name}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
@@ -119,26 +127,6 @@ def app_sessions() -> int:
 PSYCOGREEN_MISSING = "psycopg2 under the gevent pool without psycogreen"
 
 
-@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
-def test_greenlet_pool_tasks_are_units_and_finished_greenlets_leave_no_session(
-    live, redis_server, redis_client, producer, pool
-):
-    """gevent/eventlet: each task a unit in its greenlet, after idle too; finished greenlets leave no session open."""
-    pytest.importorskip(pool)
-    # psycopg2 is set up as it should be under gevent: made cooperative by psycogreen.
-    green = "1" if pool == "gevent" and DRIVER == "psycopg2" else "0"
-    with worker(pool, 4, worker_env(redis_server, FRESHCONN_TEST_PSYCOGREEN=green)) as w:
-        send(producer, *(f"{pool}-{i}" for i in range(8)))
-        first = collect(redis_client, 8, w)
-        time.sleep(IDLE_PAST_TIMEOUT)
-        send(producer, *(f"{pool}-idle-{i}" for i in range(4)))
-        after = collect(redis_client, 4, w)
-        assert [r.get("error") for r in first + after] == [None] * 12
-        assert app_sessions() == 0
-        assert PSYCOGREEN_MISSING not in w.output(tail=None)
-    assert row_count() == 12
-
-
 def wait_for_log(w: WorkerProcess, text: str, timeout: float = 30.0) -> str:
     """The worker's whole log once it contains ``text`` (or the time is up, or the worker exited)."""
     deadline = time.monotonic() + timeout
@@ -149,19 +137,54 @@ def wait_for_log(w: WorkerProcess, text: str, timeout: float = 30.0) -> str:
     return log
 
 
-def test_pool_start_up_warns_when_concurrency_exceeds_max_connections(live, redis_server):
-    """gevent and threads workers of max_connections + 1 log W010 at start; psycopg2 without psycogreen is an error."""
-    if "gevent" not in sys.modules:
-        pytest.importorskip("gevent")
+@one_driver_per_vendor(mysql="pymysql", postgresql="psycopg2")
+def test_greenlet_pools_run_units_leave_no_session_and_warn_at_start(live, redis_server, redis_client):
+    """gevent/eventlet: a unit per task in its greenlet, none left open; at start, W010 and psycopg2's error."""
+    pytest.importorskip("gevent")
+    pytest.importorskip("eventlet")
     limit = _inspect.inspect("default").max_connections
     assert limit
-    env = worker_env(redis_server)
-    with worker("gevent", limit + 1, env) as green, worker("threads", limit + 1, env) as threads:
-        logs = {pool: wait_for_log(w, " ready.") for pool, w in (("gevent", green), ("threads", threads))}
-    for pool, log in logs.items():
-        assert f"{pool} pool: A pool of {limit + 1} threads or greenlets" in log, log
-        assert f"max_connections={limit}" in log
-        assert "(freshconn.W010)" in log
-    # Only psycopg2 blocks the hub: psycopg 3 and the MySQL drivers are made cooperative by gevent itself.
-    assert (PSYCOGREEN_MISSING in logs["gevent"]) == (DRIVER == "psycopg2"), logs["gevent"]
-    assert PSYCOGREEN_MISSING not in logs["threads"]
+    # Side by side, each with its own Redis database: gevent with more greenlets than the server
+    # allows connections (psycopg2 made cooperative by psycogreen, as it should be), eventlet, and
+    # a threads pool as large; on psycopg2, a gevent worker without psycogreen too.
+    green = "1" if DRIVER == "psycopg2" else "0"
+    runs = {
+        "gevent": worker("gevent", limit + 1, worker_env(redis_server, FRESHCONN_TEST_PSYCOGREEN=green), "g"),
+        "eventlet": worker("eventlet", 4, worker_env(redis_server, db=1), "e"),
+        "threads": worker("threads", limit + 1, worker_env(redis_server, db=2), "t"),
+    }
+    if DRIVER == "psycopg2":
+        runs["unpatched"] = worker("gevent", 4, worker_env(redis_server, db=3), "u")
+    with contextlib.ExitStack() as stack:
+        for w in runs.values():
+            stack.enter_context(w)
+        for w in runs.values():
+            wait_for_log(w, " ready.")
+        lanes = [(f"{pool}-", runs[pool], db) for db, pool in enumerate(("gevent", "eventlet"))]
+        producers = {db: stack.enter_context(contextlib.closing(producer_for(redis_server, db))) for _, _, db in lanes}
+        clients = {db: redis_client if db == 0 else redis_db_client(redis_server, db) for _, _, db in lanes}
+        reports: list[dict[str, Any]] = []
+        for name, n in (("busy", 8), ("idle", 4)):
+            if name == "idle":
+                time.sleep(IDLE_PAST_TIMEOUT)
+            for prefix, _, db in lanes:
+                send(producers[db], *(f"{prefix}{name}-{i}" for i in range(n)))
+            for _, w, db in lanes:
+                reports += collect(clients[db], n, w)
+        # A task reports before its greenlet ends (and closes): wait for the last ones to leave.
+        deadline = time.monotonic() + 10
+        while (left := app_sessions()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        logs = {pool: w.output(tail=None) for pool, w in runs.items()}
+    assert [r.get("error") for r in reports] == [None] * 24
+    assert left == 0
+    assert row_count() == 24
+    for pool in ("gevent", "threads"):
+        assert f"{pool} pool: A pool of {limit + 1} threads or greenlets" in logs[pool], logs[pool]
+        assert f"max_connections={limit}" in logs[pool]
+        assert "(freshconn.W010)" in logs[pool]
+    assert "(freshconn.W010)" not in logs["eventlet"]
+    # Only psycopg2 blocks the hub; psycopg 3 and the MySQL drivers are made cooperative by gevent.
+    assert PSYCOGREEN_MISSING not in logs["gevent"] + logs["eventlet"] + logs["threads"]
+    if DRIVER == "psycopg2":
+        assert PSYCOGREEN_MISSING in logs["unpatched"], logs["unpatched"]

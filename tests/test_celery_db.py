@@ -2,6 +2,8 @@
 
 Real ``celery worker`` and ``celery beat`` processes, a Redis broker, and the test database with
 the two apps' tables (created for this module only), on a server that drops sessions idle for 2 s.
+Each process with freshconn runs side by side with the same process without it (its own Redis
+database for its broker queue), through one timeline of faults: they share start-ups and waits.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,28 @@ from django.test import override_settings
 
 from tests.conftest import IDLE_PAST_TIMEOUT, VENDOR
 from tests.queue_tasks.faults import close_test_connections, kill_sessions, restart_server
-from tests.queue_tasks.harness import WorkerProcess, redis_client, redis_server, row_count, worker_env
+from tests.queue_tasks.harness import (
+    WorkerProcess,
+    one_driver_per_vendor,
+    redis_client,
+    redis_db,
+    redis_db_client,
+    redis_server,
+    row_count,
+    worker_env,
+)
 
 pytest.importorskip("django_celery_results", reason="django-celery-results is not installed in this environment")
 pytest.importorskip("django_celery_beat", reason="django-celery-beat is not installed here (it requires Django < 6.1)")
 
 __all__ = ["redis_client", "redis_server"]  # fixtures used by the tests below
 
-pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.broker,
+    pytest.mark.slow,
+    one_driver_per_vendor(mysql="mysqlclient", postgresql="psycopg2"),
+]
 
 TASK = "freshconn_tests.record"
 SLOW_TASK = "freshconn_tests.record_slowly"
@@ -58,17 +74,12 @@ def celery_tables(django_db_setup: None, django_db_blocker: Any) -> Iterator[Non
             connection.close()
 
 
-@pytest.fixture
-def producer(redis_server: Any) -> Iterator[Celery]:
-    app = Celery("freshconn_tests_producer", broker=redis_server.url, fixups=[])
-    try:
-        yield app
-    finally:
-        app.close()
+def producer(redis_server: Any, db: int) -> Celery:
+    return Celery(f"freshconn_tests_producer_{db}", broker=redis_db(redis_server, db), fixups=[])
 
 
-def db_env(redis_server: Any, *, integration: bool = True, **extra: str) -> dict[str, str]:
-    env = worker_env(redis_server, integration=integration, FRESHCONN_TEST_CELERY_DB="1", **extra)
+def db_env(redis_server: Any, *, integration: bool = True, db: int = 0, **extra: str) -> dict[str, str]:
+    env = worker_env(redis_server, integration=integration, db=db, FRESHCONN_TEST_CELERY_DB="1", **extra)
     env["DJANGO_SETTINGS_MODULE"] = "tests.celery_settings"
     return env
 
@@ -77,10 +88,14 @@ def celery(*argv: str, env: dict[str, str]) -> WorkerProcess:
     return WorkerProcess(["-m", "celery", "-A", "tests.queue_tasks.celery_app", *argv, "--loglevel=INFO"], env)
 
 
-def worker(env: dict[str, str]) -> WorkerProcess:
+def worker(env: dict[str, str], name: str) -> WorkerProcess:
     """A prefork worker of one child: its MainProcess writes revoked and expired states itself."""
     flags = ("--without-gossip", "--without-mingle", "--without-heartbeat")
-    return celery("worker", "--pool=prefork", "--concurrency=1", *flags, env=env)
+    return celery("worker", "--pool=prefork", "--concurrency=1", f"--hostname={name}@%h", *flags, env=env)
+
+
+def beat(env: dict[str, str], tmp_path: Path, name: str) -> WorkerProcess:
+    return celery("beat", f"--pidfile={tmp_path / name}.pid", f"--schedule={tmp_path / name}", env=env)
 
 
 def states(task_ids: list[str]) -> dict[str, str]:
@@ -112,14 +127,15 @@ def worker_sessions() -> set[int]:
 
 
 class Tasks:
-    """Sends tasks and remembers the state each must end in."""
+    """Sends tasks to one worker's queue and remembers the state each must end in."""
 
-    def __init__(self, producer: Celery) -> None:
+    def __init__(self, producer: Celery, prefix: str = "") -> None:
         self.producer = producer
+        self.prefix = prefix
         self.expected: dict[str, str] = {}
 
     def _id(self, name: str, state: str) -> str:
-        task_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        task_id = f"{self.prefix}{name}-{uuid.uuid4().hex[:8]}"
         self.expected[task_id] = state
         return task_id
 
@@ -148,127 +164,102 @@ class Tasks:
         return {task_id: "REVOKED"}
 
 
-def test_results_written_by_the_main_process_and_after_a_long_task_survive_idle_kill_and_restart(
-    live, celery_tables, server, redis_server, producer
+class Periodic:
+    """One periodic task (every second) per beat, disabled until ``enable()``: a beat then ticks every 3 s."""
+
+    def __init__(self, name: str) -> None:
+        from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+        every, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+        self.name = name
+        self.task = PeriodicTask.objects.create(name=name, task=TASK, interval=every, args='["beat"]', enabled=False)
+
+    def runs(self) -> int:
+        from django_celery_beat.models import PeriodicTask
+
+        return int(PeriodicTask.objects.values_list("total_run_count", flat=True).get(pk=self.task.pk))
+
+    def enable(self) -> None:
+        from django_celery_beat.models import PeriodicTask, PeriodicTasks
+
+        PeriodicTask.objects.filter(pk=self.task.pk).update(enabled=True)
+        PeriodicTasks.update_changed()
+
+    def wait_runs(self, more_than: int, proc: WorkerProcess, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while (n := self.runs()) <= more_than and time.monotonic() < deadline and proc.proc.poll() is None:  # type: ignore[union-attr]
+            time.sleep(0.1)
+        assert n > more_than, proc.output()
+        return n
+
+
+def db_errors(log: str) -> list[str]:
+    return [e for e in DB_ERRORS if e in log]
+
+
+def test_main_process_states_long_task_results_and_beat_ride_idle_kill_and_restart(
+    live, celery_tables, server, redis_server, tmp_path
 ):
-    """Revoked/expired states (MainProcess) and results after a long task are stored through idle, KILL, restart."""
-    tasks = Tasks(producer)
-    with worker(db_env(redis_server)) as w:
-        phases: list[tuple[str, dict[str, str]]] = []
+    """MainProcess states, a long task's result and beat survive idle, KILL and a restart; without it they fail."""
+    tasks, plain = Tasks(producer(redis_server, 0)), Tasks(producer(redis_server, 1), prefix="plain-")
+    beats, plain_beats = Periodic("freshconn-beat"), Periodic("plain-beat")
+    beat_env = {"FRESHCONN_TEST_BEAT_MAX_LOOP": "3"}
+    with (
+        worker(db_env(redis_server), "fc") as w,
+        worker(db_env(redis_server, integration=False, db=1), "plain") as pw,
+        beat(db_env(redis_server, db=2, FRESHCONN_TEST_BEAT_TASK=beats.name, **beat_env), tmp_path, "fc") as b,
+        beat(
+            db_env(redis_server, integration=False, db=3, FRESHCONN_TEST_BEAT_TASK=plain_beats.name, **beat_env),
+            tmp_path,
+            "p",
+        ) as pb,
+    ):
 
         def phase(name: str, *sent: dict[str, str], timeout: float = 30.0) -> None:
             expected = {k: v for s in sent for k, v in s.items()}
-            phases.append((name, expected))
             assert wait_for(expected, w, timeout) == expected, (name, w.output())
 
+        # Until the long task is done, the beats' entries are disabled: each beat ticks every 3 s,
+        # past the server's 2 s idle limit, and each tick reads the schedule's changes.
         phase("warm", tasks.run("warm"), tasks.expired("warm-expired"))
-        # The child's connection idles past the server's timeout inside the task; the result comes after.
+        warm = {**plain.run("warm"), **plain.expired("warm-expired")}
+        assert wait_for(warm, pw) == warm
+        # Each child's connection idles past the server's timeout inside the task; the result comes after.
+        ((plain_long, _),) = plain.slow("long", IDLE_PAST_TIMEOUT).items()
         phase("long", tasks.slow("long", IDLE_PAST_TIMEOUT))
-        # Meanwhile the MainProcess's connection idled as long.
+        plain_stored = wait_for({plain_long: "FAILURE"}, pw, timeout=10)
+        beats.enable()
+        # Meanwhile the MainProcesses' connections idled as long.
         phase("idle", tasks.expired("idle-expired"), tasks.run("idle"))
+        plain_expired = plain.expired("idle-expired")
+        n = beats.wait_runs(0, b)
         kill_sessions(server, worker_sessions())
         phase("kill", tasks.expired("kill-expired"), tasks.run("kill"))
+        n = beats.wait_runs(n + 1, b)
         restart_server(server)
         close_test_connections()
         phase("restart", tasks.revoked("restart-revoked"), tasks.run("restart"))
-        log = w.output()
-    assert not [e for e in DB_ERRORS if e in log], log
-    # Each task stored once (task_id is unique), and each task that ran wrote its one row.
-    assert states(list(tasks.expected)) == tasks.expected
-    assert row_count() == sum(state == "SUCCESS" for state in tasks.expected.values())
-
-
-def test_without_freshconn_a_long_task_reads_failed_and_the_main_process_dies(
-    live, celery_tables, redis_server, producer
-):
-    """Contrast: a long task's success is stored as a failure; the MainProcess's next revoked state kills the worker."""
-    tasks = Tasks(producer)
-    with worker(db_env(redis_server, integration=False)) as w:
-        warm = {**tasks.run("warm"), **tasks.expired("warm-expired")}
-        assert wait_for(warm, w) == warm
-        ((long_id, _),) = tasks.slow("long", IDLE_PAST_TIMEOUT).items()
-        stored = wait_for({long_id: "FAILURE"}, w, timeout=IDLE_PAST_TIMEOUT + 10)
-        # The MainProcess's connection idled as long: its write of an expired task's state fails.
-        expired = tasks.expired("idle-expired")
-        assert w.proc is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            w.proc.wait(15)
-        exited, log = w.proc.poll(), w.output(tail=None)
-    # The task body ran to the end (its row is there), yet its result says it failed.
-    assert stored == {long_id: "FAILURE"}, log
-    assert row_count() == 2
-    assert states(list(expired)) == {}
-    after = log.split("idle-expired", 1)[1]
-    assert "Unrecoverable error:" in after, log
-    assert any(e in after.split("Unrecoverable error:", 1)[1] for e in DB_ERRORS), log
-    assert exited is not None  # the whole worker is gone (Celery #8405, #9239)
-
-
-def beat(env: dict[str, str], tmp_path: Path) -> WorkerProcess:
-    return celery("beat", f"--pidfile={tmp_path / 'beat.pid'}", f"--schedule={tmp_path / 'schedule'}", env=env)
-
-
-@pytest.fixture
-def periodic(celery_tables: None, live: None) -> Callable[..., Any]:
-    """One periodic task every second, sent by beat's DatabaseScheduler to the Redis queue ``celery``."""
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
-
-    every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
-    task = PeriodicTask.objects.create(name="freshconn-beat", task=TASK, interval=every, args='["beat"]')
-
-    def runs() -> int:
-        return int(PeriodicTask.objects.values_list("total_run_count", flat=True).get(pk=task.pk))
-
-    def enable(on: bool) -> None:
-        PeriodicTask.objects.filter(pk=task.pk).update(enabled=on)
-        from django_celery_beat.models import PeriodicTasks
-
-        PeriodicTasks.update_changed()
-
-    runs.enable = enable  # type: ignore[attr-defined]
-    return runs
-
-
-def wait_runs(runs: Callable[[], int], more_than: int, proc: WorkerProcess, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (n := runs()) <= more_than and time.monotonic() < deadline and proc.proc.poll() is None:  # type: ignore[union-attr]
-        time.sleep(0.1)
-    assert n > more_than, proc.output()
-    return n
-
-
-def test_beat_database_scheduler_survives_idle_between_ticks_kill_and_restart(
-    periodic, server, redis_server, redis_client, tmp_path
-):
-    """DatabaseScheduler: every tick a unit; after idle past the timeout, a KILL and a restart, beat sends and saves."""
-    env = db_env(redis_server, FRESHCONN_TEST_BEAT_MAX_LOOP="3")
-    with beat(env, tmp_path) as b:
-        n = wait_runs(periodic, 1, b)
-        kill_sessions(server, worker_sessions())
-        n = wait_runs(periodic, n + 1, b)
-        restart_server(server)
-        close_test_connections()
-        n = wait_runs(periodic, n + 1, b)
-        # Nothing due: beat ticks every 3 s (beat_max_loop_interval), past the server's 2 s idle limit.
-        periodic.enable(False)
-        time.sleep(2 * 3 + 0.5)
-        periodic.enable(True)
-        n = wait_runs(periodic, periodic(), b)
+        n = beats.wait_runs(n + 1, b)
         assert b.proc is not None
         assert b.proc.poll() is None
-        log = b.output()
-    assert not [e for e in DB_ERRORS if e in log], log
-    # Every task beat sent is in the queue once, and every run it saved matches one.
-    assert redis_client.llen("celery") == periodic()
-
-
-def test_without_freshconn_beat_fails_its_next_tick_after_a_kill(periodic, server, redis_server, tmp_path):
-    """Contrast: beat's DatabaseScheduler alone fails on the killed connection at its next tick."""
-    with beat(db_env(redis_server, integration=False), tmp_path) as b:
-        wait_runs(periodic, 1, b)
-        kill_sessions(server, worker_sessions())
-        deadline = time.monotonic() + 10
-        while not any(e in b.output() for e in DB_ERRORS) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        log = b.output()
-    assert any(e in log for e in DB_ERRORS), log
+        assert pw.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            pw.proc.wait(10)  # the plain worker's MainProcess died of its write (below)
+        logs = {"worker": w.output(tail=None), "beat": b.output(tail=None)}
+        plain_logs = {"worker": pw.output(tail=None), "beat": pb.output(tail=None)}
+        plain_exited = pw.proc.poll()
+    # With freshconn: no database error anywhere, each task's state stored once (task_id is unique),
+    # each task that ran wrote its one row, and every task beat sent is in its queue once per saved run.
+    assert {k: db_errors(v) for k, v in logs.items()} == {"worker": [], "beat": []}, logs
+    assert states(list(tasks.expected)) == tasks.expected
+    assert row_count() == sum(s == "SUCCESS" for s in tasks.expected.values()) + 2  # + plain warm and long
+    assert redis_db_client(redis_server, 2).llen("celery") == beats.runs() >= n
+    # Without: the long task ran to its end (its row is there) but its result says FAILURE; the next
+    # expired state killed the whole worker (Celery #8405, #9239); beat's idle ticks failed.
+    assert plain_stored == {plain_long: "FAILURE"}, plain_logs["worker"]
+    assert states(list(plain_expired)) == {}
+    after = plain_logs["worker"].split("idle-expired", 1)[1]
+    assert "Unrecoverable error:" in after, plain_logs["worker"]
+    assert db_errors(after.split("Unrecoverable error:", 1)[1]), plain_logs["worker"]
+    assert plain_exited is not None
+    assert "Database gave error" in plain_logs["beat"], plain_logs["beat"]

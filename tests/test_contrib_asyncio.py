@@ -6,6 +6,7 @@ import asyncio
 import gc
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,7 +107,10 @@ def test_without_it_every_default_executor_thread_fails_after_idle_and_keeps_its
         left = app_connections(server) - before
     finally:
         gc.enable()
-        gc.collect()
+        with warnings.catch_warnings():
+            # psycopg 3 warns when a connection is freed open: that is the leak being shown here.
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
     assert left >= 1  # the loop and its threads are gone; their connections are not
     assert settle(server, before) == before
 

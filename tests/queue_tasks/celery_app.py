@@ -24,7 +24,7 @@ if os.environ.get("FRESHCONN_TEST_CELERY_DB") == "1":
     app.conf.update(
         task_ignore_result=False,
         result_backend="django-db",
-        beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+        beat_scheduler="tests.queue_tasks.celery_beat:OneTaskScheduler",  # a DatabaseScheduler
         beat_sync_every=1,  # save each entry's run at once
         beat_max_loop_interval=float(os.environ.get("FRESHCONN_TEST_BEAT_MAX_LOOP", "1")),
     )

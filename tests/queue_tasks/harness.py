@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from testbed.redis import Redis
 
-from tests.conftest import ROOT, short_server_timeout_options, subprocess_env
+from tests.conftest import DRIVER, ROOT, VENDOR, short_server_timeout_options, subprocess_env
 from tests.queue_tasks import REDIS_URL_ENV, REPORTS_KEY
 
 
@@ -29,22 +29,53 @@ def redis_server() -> Iterator[Redis]:
 
 @pytest.fixture
 def redis_client(redis_server: Redis) -> Iterator[Any]:
-    """A client of the module's Redis, emptied before each test."""
+    """A client of the module's Redis (database 0), every database emptied before each test."""
     client = redis_server.client()
-    client.flushdb()
+    client.flushall()
     try:
         yield client
     finally:
         client.close()
 
 
-def worker_env(redis_server: Redis, *, integration: bool = True, **extra: str) -> dict[str, str]:
-    """The environment of a worker process: same DB, a 2 s server idle timeout, this Redis."""
+def redis_db(redis_server: Redis, db: int) -> str:
+    """The URL of one of the Redis server's numbered databases: one per worker run side by side."""
+    return f"{redis_server.url.rsplit('/', 1)[0]}/{db}"
+
+
+def redis_db_client(redis_server: Redis, db: int) -> Any:
+    """A client of one of the server's numbered databases (``client(db=...)`` would keep the URL's /0)."""
+    import redis
+
+    return redis.Redis.from_url(redis_db(redis_server, db))
+
+
+def worker_env(redis_server: Redis, *, integration: bool = True, db: int = 0, **extra: str) -> dict[str, str]:
+    """The environment of a worker process: same DB, a 2 s server idle timeout, this Redis (database ``db``).
+
+    Workers run side by side (a contrast without freshconn next to the scenario) each get a Redis
+    database of their own, for their broker queue and their reports.
+    """
     return subprocess_env(
         FRESHCONN_TEST_DB_OPTIONS=json.dumps(short_server_timeout_options()),
         FRESHCONN_TEST_INTEGRATION="1" if integration else "0",
-        **{REDIS_URL_ENV: redis_server.url},
+        **{REDIS_URL_ENV: redis_db(redis_server, db)},
         **extra,
+    )
+
+
+def one_driver_per_vendor(mysql: str, postgresql: str) -> pytest.MarkDecorator:
+    """Run a runtime's worker-process proofs on one driver of each vendor only (CI time budget).
+
+    These tests prove what a framework integration does with connections; how each driver's
+    disconnects are seen is proven for every driver by the core tests. FRESHCONN_ALL_DRIVERS=1
+    runs them on every driver.
+    """
+    chosen = mysql if VENDOR == "mysql" else postgresql
+    return pytest.mark.skipif(
+        chosen != DRIVER and os.environ.get("FRESHCONN_ALL_DRIVERS") != "1",
+        reason=f"CI time budget: this runtime's worker proofs run on {chosen} for {VENDOR} "
+        f"(FRESHCONN_ALL_DRIVERS=1 runs them on {DRIVER} too)",
     )
 
 

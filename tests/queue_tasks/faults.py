@@ -11,7 +11,7 @@ through the framework's real broker and asserts, from the reports and the table:
 - every task was applied exactly once (row count equals tasks sent).
 
 A ``Contrast`` (the same worker without freshconn, started side by side with its own broker queue
-and reports) is fed during the same run: one task before the busy phase, ``after`` tasks once the
+and reports) is fed during the same run: one task before the warm-up, ``after`` tasks once the
 idle spell is over; the scenario records their errors. It shares the scenario's start-up and idle
 wait instead of paying its own.
 """
@@ -126,9 +126,10 @@ def run_scenario(
         assert errors(got) == [], (name, errors(got)[:5], worker.output())
         return got
 
-    warmed = batch("warm", warm)
     if contrast is not None:
+        # First: waiting for the contrast worker to start must not idle the scenario's connections.
         assert contrast.one("plain-warm") is None, contrast.worker.output()
+    warmed = batch("warm", warm)
     busy_reports = batch("busy", busy)
     for counter in ("connects", "pings"):
         before, after = per_pid(warmed, counter), per_pid(busy_reports, counter)
@@ -142,7 +143,7 @@ def run_scenario(
     idle = batch("idle", warm)
     # Dropped without an error: by the idle limit freshconn read from the session, or by its closed socket.
     idle_drops, dead_drops = per_pid(idle, "discarded_server_idle"), per_pid(idle, "discarded_dead")
-    assert max(idle_drops[pid] + dead_drops[pid] for pid in idle_drops) >= 1
+    assert max(idle_drops[pid] + dead_drops[pid] for pid in idle_drops) >= 1, [r["stats"] for r in idle]
     kill_sessions(server, {r["backend"] for r in idle})
     batch("kill", warm)
     restart_server(server)

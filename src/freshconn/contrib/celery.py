@@ -10,8 +10,9 @@
 - in each prefork child (``worker_process_init``) drops the connections inherited from the parent
   without a byte on their sockets (see ``freshconn._fork``), before Celery's own fix-up gets there;
 - closes the connections of the thread that ends a prefork child or a solo worker;
-- runs every write of a django-celery-results backend as a unit: in the worker's MainProcess (the
-  revoked and expired states it records, Celery #8405/#9239) a unit of its own; the final state a
+- runs every write (and state read) of a django-celery-results backend as a unit: in the worker's
+  MainProcess (the revoked and expired states it records, Celery #8405/#9239, and the state it reads
+  before recording a ``revoke`` command) a unit of its own; the final state a
   task stores after its body returned starts a fresh unit first, so a result written after a long
   task finds a checked connection (django-celery-results PR #498);
 - runs each tick of beat's scheduler (django-celery-beat's ``DatabaseScheduler`` included) and
@@ -56,6 +57,9 @@ logger = logging.getLogger("freshconn")
 #: The states Celery's tracer stores once the task body has returned (the unit can be renewed then).
 _FINAL_STATES = states.READY_STATES | {states.RETRY}
 _BACKEND_WRITES = ("store_result", "save_group", "forget", "delete_group", "cleanup")
+#: Reads (``get_state``, ``get_result``... go through ``get_task_meta``): the MainProcess reads a
+#: task's state before it records a revoke command, and a read on a dead connection broke that.
+_BACKEND_READS = ("get_task_meta", "restore_group")
 
 
 def _unwrap(app: Any) -> Any:
@@ -112,10 +116,10 @@ class _Integration:
                 close_thread_connections()  # this greenlet ends with its task: nobody else can close them
 
     def wrap_backend(self, backend: Any) -> Any:
-        """Each write of a django-celery-results backend as a unit (see the module docstring)."""
+        """Each read and write of a django-celery-results backend as a unit (see the module docstring)."""
         if not type(backend).__module__.startswith("django_celery_results") or getattr(backend, "_freshconn", False):
             return backend
-        for name in _BACKEND_WRITES:
+        for name in (*_BACKEND_WRITES, *_BACKEND_READS):
             method = getattr(backend, name, None)
             if method is not None:
                 setattr(backend, name, self._unit_write(method, name == "store_result"))

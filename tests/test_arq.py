@@ -15,6 +15,7 @@ from tests.queue_tasks.harness import (
     redis_db,
     redis_db_client,
     redis_server,
+    side_by_side,
     worker_env,
 )
 
@@ -55,7 +56,8 @@ def worker(env: dict[str, str]) -> WorkerProcess:
 
 def test_jobs_ride_idle_kill_and_restart_on_a_persistent_connection(live, server, redis_server, redis_client):
     """No connect or ping while busy; idle, KILL and a restart cost no job, each once; without it, idle fails."""
-    with worker(worker_env(redis_server)) as w, worker(worker_env(redis_server, integration=False, db=1)) as p:
+    scenario, plain = worker_env(redis_server), worker_env(redis_server, integration=False, db=1)
+    with side_by_side(worker(scenario), worker(plain)) as (w, p):
         contrast = Contrast(sender(redis_db(redis_server, 1)), redis_db_client(redis_server, 1), p, after=2)
         phases = run_scenario(sender(redis_db(redis_server, 0)), redis_client, w, server, contrast=contrast)
     assert len({r["thread"] for r in phases["busy"]}) == 1  # the async ORM's one thread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from tests.queue_tasks.harness import (
     redis_db_client,
     redis_server,
     row_count,
+    side_by_side,
     worker_env,
 )
 
@@ -140,8 +142,10 @@ def wait_for_log(w: WorkerProcess, text: str, timeout: float = 30.0) -> str:
 @one_driver_per_vendor(mysql="pymysql", postgresql="psycopg2")
 def test_greenlet_pools_run_units_leave_no_session_and_warn_at_start(live, redis_server, redis_client):
     """gevent/eventlet: a unit per task in its greenlet, none left open; at start, W010 and psycopg2's error."""
-    pytest.importorskip("gevent")
-    pytest.importorskip("eventlet")
+    # Never import eventlet (or gevent) into the test process: eventlet warns on every later fork().
+    for pool in ("gevent", "eventlet"):
+        if importlib.util.find_spec(pool) is None:
+            pytest.skip(f"{pool} is not installed")
     limit = _inspect.inspect("default").max_connections
     assert limit
     # Side by side, each with its own Redis database: gevent with more greenlets than the server
@@ -156,8 +160,7 @@ def test_greenlet_pools_run_units_leave_no_session_and_warn_at_start(live, redis
     if DRIVER == "psycopg2":
         runs["unpatched"] = worker("gevent", 4, worker_env(redis_server, db=3), "u")
     with contextlib.ExitStack() as stack:
-        for w in runs.values():
-            stack.enter_context(w)
+        stack.enter_context(side_by_side(*runs.values()))
         for w in runs.values():
             wait_for_log(w, " ready.")
         lanes = [(f"{pool}-", runs[pool], db) for db, pool in enumerate(("gevent", "eventlet"))]

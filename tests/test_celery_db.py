@@ -34,6 +34,7 @@ from tests.queue_tasks.harness import (
     redis_db_client,
     redis_server,
     row_count,
+    side_by_side,
     worker_env,
 )
 
@@ -159,7 +160,7 @@ class Tasks:
     def revoked(self, name: str) -> dict[str, str]:
         """A task revoked (and acknowledged by the worker) before it is sent: stored as REVOKED by the MainProcess."""
         task_id = self._id(name, "REVOKED")
-        assert self.producer.control.revoke(task_id, reply=True, timeout=10)
+        assert self.producer.control.revoke(task_id, reply=True, timeout=10, limit=1)  # the one worker
         self.producer.send_task(TASK, args=[task_id], task_id=task_id)
         return {task_id: "REVOKED"}
 
@@ -204,16 +205,16 @@ def test_main_process_states_long_task_results_and_beat_ride_idle_kill_and_resta
     tasks, plain = Tasks(producer(redis_server, 0)), Tasks(producer(redis_server, 1), prefix="plain-")
     beats, plain_beats = Periodic("freshconn-beat"), Periodic("plain-beat")
     beat_env = {"FRESHCONN_TEST_BEAT_MAX_LOOP": "3"}
-    with (
-        worker(db_env(redis_server), "fc") as w,
-        worker(db_env(redis_server, integration=False, db=1), "plain") as pw,
-        beat(db_env(redis_server, db=2, FRESHCONN_TEST_BEAT_TASK=beats.name, **beat_env), tmp_path, "fc") as b,
+    with side_by_side(
+        worker(db_env(redis_server), "fc"),
+        worker(db_env(redis_server, integration=False, db=1), "plain"),
+        beat(db_env(redis_server, db=2, FRESHCONN_TEST_BEAT_TASK=beats.name, **beat_env), tmp_path, "fc"),
         beat(
             db_env(redis_server, integration=False, db=3, FRESHCONN_TEST_BEAT_TASK=plain_beats.name, **beat_env),
             tmp_path,
             "p",
-        ) as pb,
-    ):
+        ),
+    ) as (w, pw, b, pb):
 
         def phase(name: str, *sent: dict[str, str], timeout: float = 30.0) -> None:
             expected = {k: v for s in sent for k, v in s.items()}

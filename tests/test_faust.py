@@ -18,6 +18,7 @@ from tests.queue_tasks.harness import (
     redis_client,
     redis_db_client,
     redis_server,
+    side_by_side,
     worker_env,
 )
 
@@ -81,7 +82,7 @@ def test_events_ride_idle_kill_and_restart_on_a_persistent_connection(
     topic, plain_topic = new_topic(kafka), new_topic(kafka)
     scenario = worker(worker_env(redis_server), kafka, topic, tmp_path / "scenario")
     plain = worker(worker_env(redis_server, integration=False, db=1), kafka, plain_topic, tmp_path / "plain")
-    with scenario as w, plain as p:
+    with side_by_side(scenario, plain) as (w, p):
         contrast = Contrast(sender(kafka, plain_topic), redis_db_client(redis_server, 1), p, after=2)
         send = sender(kafka, topic)
         phases = run_scenario(send, redis_client, w, server, contrast=contrast)

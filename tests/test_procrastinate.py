@@ -10,7 +10,14 @@ from django.db import connections
 
 from tests.conftest import DRIVER, VENDOR
 from tests.queue_tasks.faults import Contrast, run_scenario
-from tests.queue_tasks.harness import WorkerProcess, redis_client, redis_db_client, redis_server, worker_env
+from tests.queue_tasks.harness import (
+    WorkerProcess,
+    redis_client,
+    redis_db_client,
+    redis_server,
+    side_by_side,
+    worker_env,
+)
 
 if VENDOR != "postgresql" or DRIVER != "psycopg":
     pytest.skip(
@@ -90,7 +97,7 @@ def worker(env: dict[str, str], queue: str = "default") -> WorkerProcess:
 def test_tasks_ride_idle_kill_and_restart_on_persistent_connections(queue, server, redis_server, redis_client):
     """Sync and async tasks ride idle, KILL and a restart with no connect or ping while busy; DjangoApp's fails once."""
     scenario, plain = worker_env(redis_server), worker_env(redis_server, integration=False, db=1)
-    with worker(scenario) as w, worker(plain, queue="plain") as p:
+    with side_by_side(worker(scenario), worker(plain, queue="plain")) as (w, p):
         contrast = Contrast(sender(queue, "record_sync", queue="plain"), redis_db_client(redis_server, 1), p, after=2)
         phases = run_scenario(sender(queue, "record_sync", "record_async"), redis_client, w, server, contrast=contrast)
     assert len({r["thread"] for r in phases["busy"]}) == 2

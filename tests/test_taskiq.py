@@ -15,6 +15,7 @@ from tests.queue_tasks.harness import (
     redis_db,
     redis_db_client,
     redis_server,
+    side_by_side,
     worker_env,
 )
 
@@ -76,7 +77,7 @@ def worker(env: dict[str, str]) -> WorkerProcess:
 def test_tasks_ride_idle_kill_and_restart_on_persistent_connections(live, server, redis_server, redis_client):
     """Async and sync tasks ride idle, KILL and a restart with no connect or ping while busy; without it, idle fails."""
     scenario, plain = worker_env(redis_server), worker_env(redis_server, integration=False, db=1)
-    with worker(scenario) as w, worker(plain) as p:
+    with side_by_side(worker(scenario), worker(plain)) as (w, p):
         contrast = Contrast(
             sender(redis_db(redis_server, 1), "record_async"), redis_db_client(redis_server, 1), p, after=2
         )

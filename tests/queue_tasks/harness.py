@@ -87,6 +87,7 @@ class WorkerProcess:
         self.stop_timeout = stop_timeout
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self._signaled = False
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__, read before
 
     def __enter__(self) -> WorkerProcess:
@@ -101,6 +102,12 @@ class WorkerProcess:
         finally:
             self.log.close()
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM, once) without waiting: ``stop()`` then waits for it."""
+        if self.proc is not None and self.proc.poll() is None and not self._signaled:
+            self.proc.send_signal(signal.SIGTERM)
+            self._signaled = True
+
     def stop(self, timeout: float | None = None) -> None:
         timeout = self.stop_timeout if timeout is None else timeout
         proc = self.proc
@@ -109,7 +116,7 @@ class WorkerProcess:
 
         if proc.poll() is None:
             # A warm shutdown first: the worker finishes its task and closes what it can.
-            proc.send_signal(signal.SIGTERM)
+            self.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
         # Then anything left in the group (pool children that outlived their parent).
@@ -118,12 +125,26 @@ class WorkerProcess:
         if proc.poll() is None:
             proc.wait(10)
         self.proc = None
+        self._signaled = False
 
     def output(self, tail: int | None = 6000) -> str:
         """What the process wrote so far (its last ``tail`` characters; None: all of it)."""
         self.log.seek(0)
         text = self.log.read().decode(errors="replace")
         return text if tail is None else text[-tail:]
+
+
+@contextlib.contextmanager
+def side_by_side(*workers: WorkerProcess) -> Iterator[tuple[WorkerProcess, ...]]:
+    """Run worker processes together; at the end all are signalled first, so their shutdowns overlap."""
+    with contextlib.ExitStack() as stack:
+        for w in workers:
+            stack.enter_context(w)
+        try:
+            yield workers
+        finally:
+            for w in workers:
+                w.terminate()
 
 
 def collect(client: Any, n: int, worker: WorkerProcess, timeout: float = 60.0, key: str = REPORTS_KEY) -> list[Any]:

@@ -27,11 +27,15 @@ class HAProxy(Server):
     neither side sends anything for that long is closed on both sides, as a cloud load balancer does.
     """
 
-    def __init__(self, backend_port: int, idle_timeout: float, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, backend_port: int, idle_timeout: float, *, connect_timeout: float = 5.0, standby_port: int | None = None
+    ) -> None:
         super().__init__()
         self.backend_port = backend_port
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        #: A second server, in maintenance until switch_over(): a failover's new primary.
+        self.standby_port = standby_port
 
     def start(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="fc-hap-")
@@ -39,9 +43,11 @@ class HAProxy(Server):
         idle_ms = max(1, int(self.idle_timeout * 1000))
         config = os.path.join(self.tmp, "haproxy.cfg")
         with open(config, "w") as f:
+            self._admin_socket = os.path.join(self.tmp, "admin.sock")
             f.write(
                 "global\n"
                 "    maxconn 512\n"
+                f"    stats socket {self._admin_socket} level admin\n"
                 "defaults\n"
                 "    mode tcp\n"
                 f"    timeout connect {int(self.connect_timeout * 1000)}\n"
@@ -50,9 +56,30 @@ class HAProxy(Server):
                 "listen db\n"
                 f"    bind 127.0.0.1:{self.port}\n"
                 f"    server backend 127.0.0.1:{self.backend_port}\n"
+                + (f"    server standby 127.0.0.1:{self.standby_port} disabled\n" if self.standby_port else "")
             )
         self._config = config
         self._launch()
+
+    def switch_over(self) -> None:
+        """New connections go to the standby from now on; established ones stay where they are.
+
+        What a failover looks like from a client whose connection outlived it: the old primary,
+        now read-only, keeps serving that connection, while every new one reaches the new primary.
+        """
+        for command in ("set server db/standby state ready", "set server db/backend state maint"):
+            self._admin(command)
+
+    def _admin(self, command: str) -> str:
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(self._admin_socket)
+            sock.sendall(command.encode() + b"\n")
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        return reply.decode()
 
     def _launch(self) -> None:
         """Start (or, after down(), restart) HAProxy on the same port with the same configuration."""

@@ -20,6 +20,8 @@ from freshconn import _outage, _state
 
 DRIVER: str = settings.DRIVER
 VENDOR: str = settings.VENDOR
+#: The name freshconn gives the driver in its output (doctor, checks, start-up line).
+DRIVER_NAME: str = {"mysqlconnector": "mysql-connector"}.get(DRIVER, DRIVER)
 
 #: Django >= 6.0's MySQL backend reads the server's version and modes (``mysql_server_data``) the first
 #: time a new thread's wrapper builds an INSERT, through ``temporary_connection()``: one extra connect
@@ -108,6 +110,7 @@ def live(transactional_db: None) -> Iterator[None]:
         _close_quietly(conn)
     freshconn.reset_stats()
     _outage.reset()
+    _state.local().needs_reconnect.clear()  # a reconnect an earlier test left pending in this thread
     yield
     for conn in connections.all(initialized_only=True):
         if conn.in_atomic_block:

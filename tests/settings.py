@@ -24,6 +24,10 @@ elif DRIVER == "psycopg2":
 VENDOR = "mysql" if DRIVER in ("mysqlclient", "pymysql", "mysqlconnector") else "postgresql"
 # mysql-connector-python ships its own Django engine; the others use Django's.
 ENGINE = "mysql.connector.django" if DRIVER == "mysqlconnector" else f"django.db.backends.{VENDOR}"
+if DRIVER == "mysqlconnector":
+    import testbed.servers
+
+    testbed.servers.ENGINES["mysql"] = ENGINE  # every alias a test builds on a test-bed server too
 
 SECRET_KEY = "tests-only"
 USE_TZ = True

@@ -16,7 +16,7 @@ from django.db import connection
 import freshconn
 from freshconn.contrib.apscheduler import FreshconnThreadPoolExecutor
 from tests.app.models import Order
-from tests.conftest import DJANGO_TEMP_CONNECTS_PER_NEW_THREAD, IDLE_PAST_TIMEOUT, counters
+from tests.conftest import DJANGO_TEMP_CONNECTS_PER_NEW_THREAD, DRIVER, IDLE_PAST_TIMEOUT, counters
 from tests.queue_tasks import backend_id
 from tests.queue_tasks.harness import session_exists
 
@@ -91,6 +91,11 @@ def test_jobs_reuse_connections_and_survive_idle_past_server_timeout(short_timeo
     assert not any(session_exists(b) for b in last.values())
 
 
+@pytest.mark.filterwarnings(
+    # Seen with mysql-connector-python only, and only here, without freshconn: the socket of the
+    # connection broken in APScheduler's own pool thread is released by the garbage collector.
+    "ignore::pytest.PytestUnraisableExceptionWarning" if DRIVER == "mysqlconnector" else "default::UserWarning"
+)
 def test_without_freshconn_a_job_fails_after_idle_past_server_timeout(short_timeout):
     """Contrast: APScheduler's own thread pool hands the next job the connection the server dropped."""
     sched = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)})

@@ -65,7 +65,7 @@ def test_e003_zero_timeout(server: Server) -> None:
 E003_CASES: list[tuple[str, Any, bool]] = {
     "mysql": [
         ("read_timeout", "30", True),  # a string fails in both MySQL drivers
-        ("read_timeout", 2.5, DRIVER == "mysqlclient"),  # mysqlclient takes ints only, PyMySQL floats too
+        ("read_timeout", 2.5, DRIVER in ("mysqlclient", "mysqlconnector")),  # ints only; PyMySQL floats too
         ("connect_timeout", True, True),
     ],
     "postgresql": [

@@ -17,7 +17,7 @@ from django.db import connections
 import freshconn
 from freshconn.command import policy_summary
 from tests.app.models import Order
-from tests.conftest import DRIVER, ROOT, VENDOR, subprocess_env
+from tests.conftest import DRIVER_NAME, ROOT, VENDOR, subprocess_env
 from tests.test_threads import app_connections, baseline
 
 pytestmark = pytest.mark.server
@@ -45,11 +45,11 @@ def settle(read, expected: int, timeout: float = 10.0) -> int:
 class Worker:
     """A ``python -m django <command>`` subprocess whose stdout lines can be awaited."""
 
-    def __init__(self, *argv: str) -> None:
+    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "django", *argv],
             cwd=ROOT,
-            env=subprocess_env(),
+            env=env or subprocess_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -133,6 +133,18 @@ def test_stop_signal_lets_the_current_unit_finish_and_commit_then_exits_0(sig, w
     assert rows() == ["w1-end", "w1-start"]
 
 
+def test_a_message_fetched_after_sigterm_is_never_started(worker):
+    """SIGTERM while the source blocks in next(): what it then returns goes to message_not_started(), exit 0."""
+    w = worker("fc_blocking_worker")
+    w.wait_for("SOURCE-BLOCKING")
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.finish() == 0, w.stderr()
+    assert "HANDLED first" in w.out
+    assert "NOT-STARTED late" in w.out
+    assert "HANDLED late" not in w.out
+    assert rows() == ["first"]
+
+
 def test_a_second_signal_stops_at_once_and_the_open_transaction_rolls_back(worker):
     """A second stop signal aborts the unit in progress (exit 128 + signal) and its transaction is rolled back."""
     w = worker("fc_slow_worker", "w1", "--pause", "30")
@@ -150,7 +162,7 @@ def test_start_up_line_shows_the_effective_policy_without_credentials(worker):
     assert w.finish() == 0, w.stderr()
     head = w.out[0]
     assert head.startswith("freshconn policy: CHECK_AFTER_IDLE=5s, RECONNECT_TIMEOUT=60s;")
-    assert f"default: {VENDOR} via {DRIVER} " in head
+    assert f"default: {VENDOR} via {DRIVER_NAME} " in head
     assert "CONN_MAX_AGE=1800s" in head
     assert PASSWORD not in "\n".join(w.out) + w.stderr()
     assert rows() == ["w1-end", "w1-start"]

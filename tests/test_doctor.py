@@ -17,7 +17,7 @@ from testbed.servers import Server, free_port
 
 from freshconn import _inspect
 
-from .conftest import DRIVER, VENDOR, short_server_timeout_options
+from .conftest import DRIVER, DRIVER_NAME, VENDOR, short_server_timeout_options
 from .tempalias import temp_alias
 
 pytestmark = pytest.mark.server
@@ -236,7 +236,7 @@ def test_json_shape(server: Server) -> None:
     doc, lite = data["databases"]
     keys = "alias vendor engine driver target reachable error error_kind error_code server django lifetime"
     assert set(doc) == {*keys.split(), "lifetime_source", "probe", "verdicts"}
-    assert doc["driver"]["name"] == DRIVER
+    assert doc["driver"]["name"] == DRIVER_NAME
     assert (doc["lifetime"], doc["lifetime_source"]) == (1800, "default")
     server_keys = "product version port tls connect_ms idle_limit max_connections connections_used limits"
     assert set(doc["server"]) == set(server_keys.split())
@@ -291,6 +291,6 @@ def test_one_name_per_driver_in_every_output(server: Server) -> None:
     with alias(server, OPTIONS={}):
         _, data = doctor_json("--database", "doc")
         line = policy_summary("doc")
-    assert database(data)["driver"]["name"] == DRIVER
-    assert f"via {DRIVER} " in line
+    assert database(data)["driver"]["name"] == DRIVER_NAME
+    assert f"via {DRIVER_NAME} " in line
     assert "MySQLdb" not in line + json.dumps(data)

@@ -21,6 +21,7 @@ class Fleet:
         self.stop = threading.Event()
         self.ok = [0] * THREADS
         self.errors = [0] * THREADS
+        self.last_error: list[BaseException | None] = [None] * THREADS
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(THREADS)]
 
     def run(self, i: int) -> None:
@@ -31,8 +32,9 @@ class Fleet:
                         cursor.execute("SELECT 1")
                         cursor.fetchone()
                     self.ok[i] += 1
-                except Exception:
+                except Exception as exc:
                     self.errors[i] += 1
+                    self.last_error[i] = exc
                 time.sleep(0.05)
         finally:
             connections.close_all()
@@ -43,8 +45,12 @@ def test_a_fleet_of_threads_rides_a_restart_without_a_reconnect_storm(live, serv
     fleet = Fleet()
     for t in fleet.threads:
         t.start()
-    while min(fleet.ok) == 0:
+    deadline = time.monotonic() + 30
+    while min(fleet.ok) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
+    if min(fleet.ok) == 0:
+        fleet.stop.set()
+        pytest.fail(f"not every thread got going: {[repr(e) for e in fleet.last_error if e][:3]}")
     samples: list[tuple[float, int]] = []
     server.down()
     down_at = time.monotonic()

@@ -89,3 +89,29 @@ def test_custom_namespace(live: None) -> None:
     register(registry, namespace="worker_db")
     assert registry.get_sample_value("worker_db_units_total", {"alias": "default"}) == 1
     assert registry.get_sample_value("freshconn_units_total", {"alias": "default"}) == 1
+
+
+def test_serve_exposes_the_counters_over_http(live: None) -> None:
+    """serve(port) gives a worker without a web server a /metrics endpoint with freshconn's counters."""
+    import socket
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from freshconn.contrib.prometheus import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    registry = CollectorRegistry()
+    server, thread = serve(port, registry=registry)
+    try:
+        with freshconn.unit_of_work(), connections["default"].cursor() as cursor:
+            cursor.execute("SELECT 1")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+        assert 'freshconn_units_total{alias="default"} 1.0' in body
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

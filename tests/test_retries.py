@@ -47,7 +47,7 @@ def test_autocommit_write_then_kill_is_not_retried(live):
         kill_connection()
         Order.objects.count()
 
-    with pytest.raises(OperationalError) as err:
+    with pytest.raises(Error) as err:
         write_then_read()
     assert freshconn.is_disconnect(err.value)
     assert not isinstance(err.value, freshconn.AmbiguousCommitError)
@@ -88,7 +88,7 @@ def test_committed_transaction_then_kill_is_not_retried(live):
         kill_connection()
         Order.objects.count()
 
-    with pytest.raises(OperationalError):
+    with pytest.raises(Error):
         two_steps()
     assert len(calls) == 1
     assert Order.objects.filter(ref="c-1").count() == 1
@@ -124,7 +124,7 @@ def test_retries_are_exhausted_then_the_error_surfaces(live):
         kill_connection()
         Order.objects.count()
 
-    with pytest.raises(OperationalError):
+    with pytest.raises(Error):
         doomed()
     assert len(calls) == 3
     assert counters()["retries"] == 2
@@ -182,7 +182,7 @@ def test_retrying_function_inside_the_callers_transaction_runs_once(live, caplog
         kill_connection()
         Order.objects.count()
 
-    with pytest.raises(OperationalError), freshconn.unit_of_work(), transaction.atomic():
+    with pytest.raises(Error), freshconn.unit_of_work(), transaction.atomic():
         inner()
     assert len(calls) == 1
     assert counters()["not_retried_in_transaction"] == 1
@@ -240,7 +240,7 @@ def test_write_in_flight_in_autocommit_is_not_retried(live, server):
             cursor.execute(_slow_write_sql())
         killer.join()
 
-    with pytest.raises(OperationalError):
+    with pytest.raises(Error):
         slow_insert()
     assert len(calls) == 1
     assert counters()["not_retried_unsafe"] == 1
@@ -320,12 +320,12 @@ def test_no_silent_reconnect_inside_an_atomic_block(live):
     """After a kill inside atomic, the block stays failed (Django's semantics): nothing reconnects mid-transaction."""
     from django.db.transaction import TransactionManagementError
 
-    with pytest.raises(OperationalError), freshconn.unit_of_work(), transaction.atomic():
+    with pytest.raises(Error), freshconn.unit_of_work(), transaction.atomic():
         Order.objects.create(ref="atomic-1")
         kill_connection()
         try:
             Order.objects.create(ref="atomic-2")
-        except OperationalError:
+        except Error:
             # The transaction is broken: the next query in the same block must not run on a
             # fresh connection (which would commit half a transaction).
             with pytest.raises((TransactionManagementError, Error)):

@@ -66,7 +66,7 @@ def vendor_of(alias: str) -> str:
 
 
 def driver_name(alias: str) -> str:
-    """mysqlclient, pymysql, psycopg, psycopg2, or the backend module's name, without connecting.
+    """mysqlclient, pymysql, mysql-connector, psycopg, psycopg2, or the module's name, without connecting.
 
     The one name freshconn uses for a driver everywhere: its distribution's, never "MySQLdb".
     """
@@ -75,13 +75,15 @@ def driver_name(alias: str) -> str:
     except Exception:  # noqa: BLE001 - a backend that fails to import is reported elsewhere
         return "unknown"
     name = str(getattr(module, "__name__", "unknown")).split(".")[0]
-    # mysqlclient's module is MySQLdb; PyMySQL's install_as_MySQLdb() makes Database pymysql itself.
-    return {"MySQLdb": "mysqlclient"}.get(name, name)
+    # mysqlclient's module is MySQLdb; PyMySQL's install_as_MySQLdb() makes Database pymysql itself;
+    # mysql-connector-python's Django engine uses the mysql.connector package.
+    return {"MySQLdb": "mysqlclient", "mysql": "mysql-connector"}.get(name, name)
 
 
 _DISTRIBUTIONS = {
     "mysqlclient": ("mysqlclient",),
     "pymysql": ("PyMySQL",),
+    "mysql-connector": ("mysql-connector-python",),
     "psycopg": ("psycopg",),
     "psycopg2": ("psycopg2", "psycopg2-binary"),
 }
@@ -112,9 +114,10 @@ def suggested_timeouts(vendor: str) -> str:
 def timeout_problem(driver: str, key: str, value: Any) -> str | None:
     """Why a network-timeout option value will not work with ``driver``, or None when it will.
 
-    Measured: mysqlclient takes only ints; PyMySQL ints or floats, not strings; libpq (psycopg,
-    psycopg2) a whole number, as int or digit string (a float fails at connect), except psycopg 3's
-    own connect_timeout, which also takes a float. Zero means "wait forever" to every driver.
+    Measured: mysqlclient and mysql-connector-python take only ints; PyMySQL ints or floats, not
+    strings; libpq (psycopg, psycopg2) a whole number, as int or digit string (a float fails at
+    connect), except psycopg 3's own connect_timeout, which also takes a float. Zero means "wait
+    forever" to every driver.
     """
     if key == "keepalives":  # libpq's on/off switch, not a duration
         return None
@@ -130,8 +133,8 @@ def _as_seconds(driver: str, key: str, value: Any) -> tuple[str | None, float]:
     loose = driver == "psycopg" and key == "connect_timeout"  # psycopg 3 times its connect itself
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         why = f"is a {kind}, not a number"
-    elif driver == "mysqlclient" and not isinstance(value, int):
-        why = f"is a {kind}; mysqlclient takes only a whole number of seconds (int)"
+    elif driver in ("mysqlclient", "mysql-connector") and not isinstance(value, int):
+        why = f"is a {kind}; {driver} takes only a whole number of seconds (int)"
     elif isinstance(value, str) and not libpq:
         why = f"is a str; {driver} takes a number of seconds"
     elif isinstance(value, float) and libpq and not loose:

@@ -16,6 +16,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 __all__ = [
     "COMMIT_FRAME",
+    "CONNECT_STEP",
     "HEALTH_CHECK_DONE",
     "PER_CONNECTION_STEP",
     "commit_frame_alias",
@@ -32,6 +33,12 @@ HEALTH_CHECK_DONE = "health_check_done"
 #: freshconn shadows it on the instances it manages (never on the class) to make those calls unit
 #: boundaries (FRESHCONN['ADOPT_CLOSE_OLD_CONNECTIONS']) and harmless inside units.
 PER_CONNECTION_STEP = "close_if_unusable_or_obsolete"
+
+#: ``BaseDatabaseWrapper.ensure_connection()``: every cursor (and Django's own reconnects, e.g. in
+#: ``Atomic.__exit__``) opens a missing connection through it. freshconn shadows it on the instances
+#: it manages to make that connect patient inside units; the class's method (which pytest-django's
+#: database blocker patches) is always what actually connects.
+CONNECT_STEP = "ensure_connection"
 
 #: ``BaseDatabaseWrapper._commit()``: ``commit()`` calls it, and it wraps the driver's ``commit()``
 #: in ``wrap_database_errors``. An error raised during a COMMIT carries a traceback through its

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.db import connections
 
-from . import _drivers, _stats
+from . import _drivers, _pool, _state, _stats
 
 __all__ = ["forget_inherited_connections"]
 
@@ -67,12 +67,15 @@ def forget_inherited_connections(*, reset_stats: bool = True) -> int:
     finally:
         if devnull >= 0:
             os.close(devnull)
+    # Django's connection pools are per process, in a class attribute: the child gets its own.
+    pools = _pool.forget_inherited_pools(_unclosable, _state.raw_state)
     if reset_stats:
         _stats.reset_stats()
-    if dropped:
+    if dropped or pools:
         logger.debug(
-            "dropped %d connection(s) inherited from the parent process",
+            "dropped %d connection(s) and %d pool(s) inherited from the parent process",
             dropped,
+            pools,
             extra={"alias": None, "reason": "fork"},
         )
     return dropped

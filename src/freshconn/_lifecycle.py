@@ -56,8 +56,8 @@ def _check(conn: BaseDatabaseWrapper, cfg: conf.Config, now: float) -> None:
         _warn_atomic(conn.alias)
         return
     state = state_of(conn)
-    if state.interrupted:
-        discard(conn, "interrupted")
+    if state.doomed:
+        discard(conn, state.doomed)
         return
     if state.driver.closed(state.raw):
         discard(conn, "dead")
@@ -147,8 +147,8 @@ def _reconnect_pending(scope: Scope, cfg: conf.Config) -> None:
 def _end_one(conn: BaseDatabaseWrapper, now: float, disconnect: bool, interrupted: bool) -> bool:
     """End-of-unit steps for one open connection outside a transaction; True if discarded for an error."""
     state = state_of(conn)
-    if state.interrupted or interrupted:
-        discard(conn, "interrupted")
+    if state.doomed or interrupted:
+        discard(conn, state.doomed or "interrupted")
     elif conn.errors_occurred and (disconnect or state.looks_dead()):
         discard(conn, "error")
         return True
@@ -156,6 +156,10 @@ def _end_one(conn: BaseDatabaseWrapper, now: float, disconnect: bool, interrupte
         discard(conn, "max_age")
     elif conn.autocommit != state.autocommit:
         discard(conn, "autocommit")
+    elif state.pooled:
+        # Back to the pool, as Django does after a request: a thread holds no pooled connection
+        # between units (threads outnumbering the pool's max_size would exhaust it otherwise).
+        conn.close()
     return False
 
 
@@ -172,9 +176,10 @@ def end(scope: Scope, exc: BaseException | None) -> None:
                 state is not None
                 and state.raw is raw
                 and not conn.errors_occurred
-                and not state.interrupted
+                and not state.doomed
                 and now < state.deadline
                 and conn.autocommit == state.autocommit
+                and not state.pooled
             ):
                 continue  # the common case: nothing to do
             _end_one(conn, now, False, False)
@@ -211,6 +216,8 @@ def boundary(conn: BaseDatabaseWrapper, cfg: conf.Config) -> None:
     alias = conn.alias
     _stats.count_unit(frozenset((alias,)))
     thread = local()
+    thread.adopted = True
+    thread.lost = False
     if not thread.seeded:
         seed()
     now = _monotonic()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import threading
@@ -56,6 +57,16 @@ _cond = threading.Condition(threading.RLock())
 _gates: dict[str, _Gate] = {}
 _stop = threading.Event()
 _main_waiting = False
+
+
+def _after_fork_in_child() -> None:
+    _cond.release()
+    # The parent's outages and waits are not the child's: it probes for itself.
+    _gates.clear()
+
+
+# Held across fork() by the forking thread, so no thread that does not exist in the child holds it there.
+os.register_at_fork(before=_cond.acquire, after_in_parent=_cond.release, after_in_child=_after_fork_in_child)
 
 
 class _Interrupted(BaseException):
@@ -199,17 +210,21 @@ def _wait(seconds: float) -> None:
                 _main_waiting = False
 
 
-def connect_patiently(conn: BaseDatabaseWrapper, timeout: float) -> None:
+def connect_patiently(conn: BaseDatabaseWrapper, timeout: float, failed: BaseException | None = None) -> None:
     """Open ``conn`` through Django, waiting for its server for up to ``timeout`` seconds.
 
     Errors that are not about reaching the server (wrong password, unknown database) are raised at
     once: waiting would not fix them. When time runs out, this thread's last connection error is
-    raised; after a stop signal, ReconnectStopped (chained from it).
+    raised; after a stop signal, ReconnectStopped (chained from it). ``failed``: the error of an
+    attempt the caller already made (it counts as this thread's first failed attempt).
     """
     alias = conn.alias
     deadline = time.monotonic() + timeout
-    last: BaseException | None = None
+    last: BaseException | None = failed
     waited = False
+    if failed is not None:
+        _stats.bump(alias, "reconnect_attempts")
+        _failed(alias, failed)
     with _stop_signals():
         while True:
             if _stop.is_set():
@@ -226,7 +241,8 @@ def connect_patiently(conn: BaseDatabaseWrapper, timeout: float) -> None:
                 continue
             _stats.bump(alias, "reconnect_attempts")
             try:
-                conn.ensure_connection()
+                # The class's method: a managed wrapper's own ensure_connection() is freshconn's patient one.
+                type(conn).ensure_connection(conn)
             except Exception as exc:
                 if not is_disconnect(exc):
                     _give_back(alias)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from . import _policy, _stats, conf
 from ._aliases import Scope
-from ._errors import AmbiguousCommitError, ReconnectStopped, failed_alias, is_disconnect
+from ._errors import AmbiguousCommitError, ReconnectStopped, failed_alias, is_disconnect, is_read_only
 from ._state import notify
 from ._units import _open, close, in_transaction, in_unit
 from .signals import unit_retried
@@ -99,7 +99,8 @@ def run(
             except AmbiguousCommitError as lost:
                 _refuse(func, lost.alias, _policy.UNSAFE_COMMIT)
                 raise
-            if not isinstance(exc, Exception) or not is_disconnect(exc):
+            wrong_node = isinstance(exc, Exception) and is_read_only(exc)
+            if not isinstance(exc, Exception) or not (wrong_node or is_disconnect(exc)):
                 raise
             alias = failed_alias(exc) or _first_alias(scope)
             if isinstance(exc, ReconnectStopped):
@@ -129,8 +130,9 @@ def run(
                 extra={"alias": alias, "reason": why},
             )
             notify(unit_retried, sender=func, alias=alias, attempt=attempt, error=exc, reason=why)
-            if (conf._current or conf.get()).reconnect_timeout <= 0:
-                # No patient reconnect configured: at least do not hammer a server that is restarting.
+            if wrong_node or (conf._current or conf.get()).reconnect_timeout <= 0:
+                # A failover in progress (DNS or the proxy may still point at the old primary for a
+                # moment), or no patient reconnect configured: do not hammer, wait a little.
                 time.sleep(_policy.reconnect_pause(attempt, random.random()))
             continue
         close(handle, None)

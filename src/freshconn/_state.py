@@ -3,7 +3,8 @@
 One ``ConnState`` per raw connection (replaced on reconnect), found on the Django wrapper. The
 statement hook, one Django execute wrapper per managed wrapper, keeps it current: when the
 connection was last used (so the start-of-unit check compares one number), whether a statement
-was interrupted mid-flight, and, for the unit running in the thread, what its transactions did.
+was interrupted mid-flight or refused by a read-only node, and, for a retrying unit, its writes.
+A second hook on ``_commit`` records a COMMIT lost in flight.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
-from . import _django, _drivers, _policy, _stats, conf
-from ._aliases import is_server_vendor
-from ._errors import is_database_error, is_disconnect, is_unsent
+from . import _django, _drivers, _outage, _policy, _pool, _stats, conf
+from ._aliases import is_server_vendor, server_aliases
+from ._errors import is_database_error, is_disconnect, is_read_only, is_unsent
 from ._sql import COMMIT, WRITE, classify
 from .signals import connection_discarded
 
@@ -52,12 +53,13 @@ class ConnState:
         "backend_id",
         "check_at",
         "deadline",
+        "doomed",
         "driver",
         "idle_limit",
-        "interrupted",
         "last_used",
         "opened_at",
         "poller",
+        "pooled",
         "raw",
         "spread",
         "window",
@@ -72,8 +74,12 @@ class ConnState:
         self.deadline = self.check_at = now
         self.idle_limit: float | None = None
         self.window = 0.0
-        self.interrupted = False
+        #: A discard reason the statement hook recorded: "interrupted" (a reply may be half-read) or
+        #: "read_only" (the server refused a write: a failover left this connection on the wrong node).
+        self.doomed: str | None = None
         self.autocommit = True
+        #: Handed out by Django's connection pool: returned to it at the end of every unit.
+        self.pooled = False
         try:
             self.backend_id: int | None = driver.backend_id(raw)
         except Exception:  # noqa: BLE001 - only AmbiguousCommitError.wait_until_settled needs it
@@ -156,6 +162,11 @@ class _Thread(threading.local):
 
     seeded = False
     async_open = 0
+    #: The thread runs a loop whose close_old_connections() calls freshconn adopted as unit boundaries.
+    adopted = False
+    #: The acting unit already lost a connection: its later connects (Django reconnects in
+    #: Atomic.__exit__, for one) fail fast; the next unit, or the retry, is the one that waits.
+    lost = False
     #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
     active: Any = None
 
@@ -190,6 +201,8 @@ def wire() -> None:
     setting_changed.connect(conf.reset, dispatch_uid="freshconn.conf.reset")
     setting_changed.connect(_aliases.reset_caches, dispatch_uid="freshconn.aliases.reset")
     setting_changed.connect(reconfigure, dispatch_uid="freshconn.state.reconfigure")
+    setting_changed.connect(_pools_on_change, dispatch_uid="freshconn.pool.install")
+    _pool.install_pools(raw_state)
     for hook in on_wire:
         hook()
 
@@ -198,28 +211,35 @@ def local() -> _Thread:
     return _local
 
 
-def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
-    raw = conn.connection
+def raw_state(alias: str, raw: Any, settings_dict: dict[str, Any], *, read_limit: bool, autocommit: bool) -> ConnState:
+    """A new state for the driver connection ``raw`` of ``alias`` (reading the server's idle limit if asked)."""
     driver = _drivers.for_connection(raw)
     cfg = conf.get()
-    state = ConnState(conn.alias, driver, raw, _monotonic())
-    if read_limit and cfg.max_age_for(conn.settings_dict) != 0:
+    state = ConnState(alias, driver, raw, _monotonic())
+    if read_limit and cfg.max_age_for(settings_dict) != 0:
         # A connection closed after every unit never idles: skip the round trip for it.
         try:
             state.idle_limit = _policy.effective_idle_limit(driver.idle_limit(raw))
-            if not conn.autocommit:
+            if not autocommit:
                 raw.rollback()
         except Exception as exc:  # noqa: BLE001 - a missing limit only means more pings
             logger.debug(
                 "could not read the server idle limit for %s: %s",
-                conn.alias,
+                alias,
                 type(exc).__name__,
-                extra={"alias": conn.alias, "reason": "idle_limit_unknown"},
+                extra={"alias": alias, "reason": "idle_limit_unknown"},
             )
-    state.autocommit = bool(conn.settings_dict["AUTOCOMMIT"])
-    state.configure(cfg, conn.settings_dict)
-    setattr(conn, STATE_ATTR, state)
+    state.autocommit = bool(settings_dict.get("AUTOCOMMIT", True))
+    state.configure(cfg, settings_dict)
     _all_states.add(state)
+    return state
+
+
+def _new_state(conn: BaseDatabaseWrapper, *, read_limit: bool) -> ConnState:
+    state = raw_state(
+        conn.alias, conn.connection, conn.settings_dict, read_limit=read_limit, autocommit=conn.autocommit
+    )
+    setattr(conn, STATE_ATTR, state)
     return state
 
 
@@ -233,22 +253,58 @@ def state_of(conn: BaseDatabaseWrapper) -> ConnState:
 
 
 def register(conn: BaseDatabaseWrapper) -> None:
-    """Manage ``conn``, this thread's wrapper for its alias: registry, statement hook, adoption step."""
+    """Manage ``conn``, this thread's wrapper for its alias: registry and hooks."""
     _local.wrappers[conn.alias] = conn
-    if not getattr(conn, _HOOKED_ATTR, False):
-        setattr(conn, _HOOKED_ATTR, True)
-        # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
-        # execute_wrapper() context manager, which pops from the end, never removes it.
-        conn.execute_wrappers.insert(0, statement_hook)
-        setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
-        for hook in on_register:
-            hook(conn)
+    hook(conn)
+
+
+def hook(conn: BaseDatabaseWrapper) -> None:
+    """Install freshconn's hooks on this wrapper instance (once): statement, COMMIT, connect, adoption."""
+    if getattr(conn, _HOOKED_ATTR, False):
+        return
+    setattr(conn, _HOOKED_ATTR, True)
+    # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
+    # execute_wrapper() context manager, which pops from the end, never removes it.
+    conn.execute_wrappers.insert(0, statement_hook)
+    setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
+    setattr(conn, _django.CONNECT_STEP, types.MethodType(connect_step, conn))
+    for extra in on_register:
+        extra(conn)
+
+
+def connect_step(conn: BaseDatabaseWrapper) -> None:
+    """freshconn's ``ensure_connection()`` on a managed wrapper: Django's, patient inside units.
+
+    A unit (or a loop whose close_old_connections() freshconn adopted) that has to open a
+    connection while its server is down (a restart, a failover, a worker starting during an
+    outage) waits for the server, up to RECONNECT_TIMEOUT, instead of failing at its first query.
+    Elsewhere (the web tier, code outside units) Django's behaviour is unchanged.
+    """
+    if conn.connection is not None:
+        return
+    try:
+        type(conn).ensure_connection(conn)
+    except Exception as exc:
+        thread = _local
+        timeout = (conf._current or conf.get()).reconnect_timeout
+        if (
+            timeout <= 0
+            or not (thread.stack or thread.async_open or thread.adopted)
+            or thread.lost
+            or conn.in_atomic_block
+            or not is_disconnect(exc)
+        ):
+            raise
+        _outage.connect_patiently(conn, timeout, failed=exc)
 
 
 def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     if not is_server_vendor(connection.vendor):
         return
-    _stats.bump(connection.alias, "connects")
+    raw = connection.connection
+    pooled_state: ConnState | None = getattr(raw, _pool.RAW_STATE_ATTR, None)
+    if pooled_state is None:
+        _stats.bump(connection.alias, "connects")  # pooled ones are counted when the pool opens them
     if _django.thread_wrapper(connection.alias) is not connection:
         # A wrapper that is not this thread's own (connections.create_connection(), Django's
         # PostgreSQL _nodb_cursor fallback): it must never stand in for the thread's connection.
@@ -258,15 +314,31 @@ def on_connection_created(sender: Any, connection: BaseDatabaseWrapper, **kwargs
         # Kept for AmbiguousCommitError: Django's Atomic.__exit__ reconnects right after a lost COMMIT.
         setattr(connection, LOST_ATTR, old)
     register(connection)
+    if pooled_state is not None and pooled_state.raw is raw:
+        # A pooled connection checked out: its state (idle limit, lifetime) was made when the pool
+        # opened it and carries over; the pool's check has just vouched for it.
+        setattr(connection, STATE_ATTR, pooled_state)
+        return
     _new_state(connection, read_limit=True)
 
 
+def _pools_on_change(**kwargs: Any) -> None:
+    if kwargs.get("setting") == "DATABASES":
+        _pool.install_pools(raw_state)
+
+
 def seed() -> None:
-    """Connections this thread opened before freshconn was wired never reached our receiver."""
+    """At a thread's first unit: manage the connections it opened before freshconn was wired, and
+    hook the wrappers of every server alias, so that even a first connect is patient."""
+    from django.db import connections
+
     _local.seeded = True
     for conn in _django.initialized_wrappers():
         if conn.connection is not None and is_server_vendor(conn.vendor):
             state_of(conn)
+    for alias in server_aliases(None):
+        # Creating this thread's wrapper opens nothing; it stays out of the per-unit loop until it connects.
+        hook(connections[alias])
 
 
 def reconfigure(**kwargs: Any) -> None:
@@ -309,10 +381,17 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any
         # An exception raised while the statement was in flight (a time limit, SIGALRM, Ctrl-C): the
         # reply may be half-read and the next statement would read its rest. Never reuse it.
         if state is not None:
-            state.interrupted = True
+            state.doomed = "interrupted"
         conn.errors_occurred = True
         return
-    if active is None or not is_disconnect(exc):
+    if is_read_only(exc):
+        if state is not None:
+            state.doomed = "read_only"
+        return  # refused by the server: nothing was applied
+    if not is_disconnect(exc):
+        return
+    _local.lost = True
+    if active is None:
         return
     tracker: Tracker = active.record()
     kind = classify(sql)
@@ -363,6 +442,8 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
     try:
         return type(conn)._commit(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
+        if is_disconnect(exc):
+            _local.lost = True
         active = _local.active
         if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
             _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None))
@@ -383,6 +464,12 @@ def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
 
 def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
     """Close ``conn`` now, whatever state its socket is in, and record why."""
+    state: ConnState | None = getattr(conn, STATE_ATTR, None)
+    if state is not None and state.pooled and conn.connection is not None:
+        # Django's close() returns a pooled connection to the pool, which would hand it out again:
+        # close the driver connection first, so that the pool drops it and opens a replacement.
+        with contextlib.suppress(Exception):
+            conn.connection.close()
     # The connection is being thrown away: its close may fail on a dead socket, and that is fine.
     with contextlib.suppress(Exception):
         conn.close()

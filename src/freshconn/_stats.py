@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -21,6 +22,7 @@ COUNTERS = (
     "discarded_error",  # a disconnect-class error during the unit
     "discarded_autocommit",  # the unit left autocommit in a state Django does not expect
     "discarded_interrupted",  # an exception (time limit, signal, cancellation) struck while a query was in flight
+    "discarded_read_only",  # the server refused a write as read-only: a failover left it on the wrong node
     "skipped_atomic",  # unit began inside the caller's atomic block: connection left alone
     "reconnect_waits",  # times a unit waited for its server to come back (restart, failover, outage)
     "reconnect_attempts",  # connection attempts made while waiting (spread and shared across threads)
@@ -35,6 +37,10 @@ COUNTERS = (
 # Reentrant: dropping the last reference to an ended thread's counters inside stats() runs their
 # __del__, which takes the lock again in the same thread.
 _lock = threading.RLock()
+# Fork-safe: held across fork() by the forking thread, so that no other thread of the parent holds it
+# in the child (where that thread no longer exists); Python's after-fork clean-up of the other
+# threads' thread-locals runs __del__ above, which then re-enters it instead of blocking forever.
+os.register_at_fork(before=_lock.acquire, after_in_parent=_lock.release, after_in_child=_lock.release)
 #: Counts of threads that have ended, folded in when their per-thread counters are collected.
 _retired: dict[str, dict[str, int]] = {}
 

@@ -89,6 +89,7 @@ def _open(
     handle._parent = thread.active
     stack.append(handle)
     thread.active = handle
+    thread.lost = False
     try:
         if checks:
             _lifecycle.begin(scope, handle._parent is None and not thread.async_open)
@@ -246,6 +247,7 @@ def open_async(scope: Scope) -> UnitHandle:
         _state.wire()
     handle = UnitHandle(scope, None, True, _get_ident())
     thread.async_open += 1
+    thread.lost = False
     try:
         _lifecycle.begin(scope, True)
     except BaseException:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from .._stats import COUNTERS, stats
+from freshconn import COUNTERS, stats
 
-__all__ = ["FreshconnCollector", "register"]
+__all__ = ["FreshconnCollector", "register", "serve"]
 
 DISCARDED = "discarded"
 _REASON_PREFIX = DISCARDED + "_"
@@ -37,6 +38,9 @@ HELP: dict[str, str] = {
     "retries": "Units run again after a disconnect because that was provably safe.",
     "not_retried_unsafe": "Disconnects after which a retry was refused because it could apply a write twice.",
     "retries_exhausted": "Disconnects still failing after the last allowed retry.",
+    "reconnect_waits": "Times a unit waited for its server to come back (restart, failover, outage).",
+    "reconnect_attempts": "Connection attempts made while reopening what an outage took.",
+    "ambiguous_commits": "COMMITs lost in flight (AmbiguousCommitError raised).",
 }
 
 
@@ -117,3 +121,16 @@ def register(registry: CollectorRegistry = REGISTRY, namespace: str = "freshconn
             registry.register(collector)
         _registered.setdefault(registry, {})[namespace] = collector
         return collector
+
+
+def serve(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> Any:
+    """Register the collector and serve ``/metrics`` on ``addr:port`` from a daemon thread.
+
+    For a worker that has no web server of its own: one line, e.g. in ``AppConfig.ready()`` or at
+    the top of the worker command, and its counters can be scraped (or read with ``curl``). Binds
+    loopback by default: expose it deliberately. Returns prometheus_client's (server, thread).
+    """
+    from prometheus_client import start_http_server
+
+    register(registry)
+    return start_http_server(port, addr=addr, registry=registry)

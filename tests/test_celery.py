@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from collections.abc import Iterator
@@ -11,16 +12,21 @@ import celery
 import pytest
 from celery import Celery
 
-from tests.conftest import IDLE_PAST_TIMEOUT
+from freshconn import _inspect
+from tests.conftest import DRIVER, IDLE_PAST_TIMEOUT
 from tests.queue_tasks import PARENT_KEY
 from tests.queue_tasks.harness import (
     WorkerProcess,
     assert_busy_reuse,
     assert_recovered_after_idle,
     collect,
+    one_driver_per_vendor,
     redis_client,
+    redis_db,
+    redis_db_client,
     redis_server,
     row_count,
+    side_by_side,
     worker_env,
 )
 
@@ -31,9 +37,13 @@ pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
 TASK = "freshconn_tests.record"
 
 
+def producer_for(redis_server: Any, db: int) -> Celery:
+    return Celery(f"freshconn_tests_producer_{db}", broker=redis_db(redis_server, db), fixups=[])
+
+
 @pytest.fixture
 def producer(redis_server: Any) -> Iterator[Celery]:
-    app = Celery("freshconn_tests_producer", broker=redis_server.url, fixups=[])
+    app = producer_for(redis_server, 0)
     try:
         yield app
     finally:
@@ -45,7 +55,7 @@ def send(producer: Celery, *refs: str) -> None:
         producer.send_task(TASK, args=[ref])
 
 
-def worker(pool: str, concurrency: int, env: dict[str, str]) -> WorkerProcess:
+def worker(pool: str, concurrency: int, env: dict[str, str], name: str = "celery") -> WorkerProcess:
     return WorkerProcess(
         [
             "-m",
@@ -55,6 +65,7 @@ def worker(pool: str, concurrency: int, env: dict[str, str]) -> WorkerProcess:
             "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
+            f"--hostname={name}@%h",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
@@ -115,20 +126,68 @@ def app_sessions() -> int:
         return int(cursor.fetchone()[0])
 
 
-@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
-def test_greenlet_pool_tasks_are_units_and_finished_greenlets_leave_no_session(
-    live, redis_server, redis_client, producer, pool
-):
-    """gevent/eventlet: each task a unit in its greenlet, after idle too; finished greenlets leave no session open."""
-    # Never import eventlet into the test process: it warns on every later fork() (tests/test_fork.py).
-    if importlib.util.find_spec(pool) is None:
-        pytest.skip(f"{pool} is not installed")
-    with worker(pool, 4, worker_env(redis_server)) as w:
-        send(producer, *(f"{pool}-{i}" for i in range(8)))
-        first = collect(redis_client, 8, w)
-        time.sleep(IDLE_PAST_TIMEOUT)
-        send(producer, *(f"{pool}-idle-{i}" for i in range(4)))
-        after = collect(redis_client, 4, w)
-        assert [r.get("error") for r in first + after] == [None] * 12
-        assert app_sessions() == 0
-    assert row_count() == 12
+PSYCOGREEN_MISSING = "psycopg2 under the gevent pool without psycogreen"
+
+
+def wait_for_log(w: WorkerProcess, text: str, timeout: float = 30.0) -> str:
+    """The worker's whole log once it contains ``text`` (or the time is up, or the worker exited)."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := w.output(tail=None)) and time.monotonic() < deadline:
+        if w.proc is not None and w.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    return log
+
+
+@one_driver_per_vendor(mysql="pymysql", postgresql="psycopg2")
+def test_greenlet_pools_run_units_leave_no_session_and_warn_at_start(live, redis_server, redis_client):
+    """gevent/eventlet: a unit per task in its greenlet, none left open; at start, W010 and psycopg2's error."""
+    # Never import eventlet (or gevent) into the test process: eventlet warns on every later fork().
+    for pool in ("gevent", "eventlet"):
+        if importlib.util.find_spec(pool) is None:
+            pytest.skip(f"{pool} is not installed")
+    limit = _inspect.inspect("default").max_connections
+    assert limit
+    # Side by side, each with its own Redis database: gevent with more greenlets than the server
+    # allows connections (psycopg2 made cooperative by psycogreen, as it should be), eventlet, and
+    # a threads pool as large; on psycopg2, a gevent worker without psycogreen too.
+    green = "1" if DRIVER == "psycopg2" else "0"
+    runs = {
+        "gevent": worker("gevent", limit + 1, worker_env(redis_server, FRESHCONN_TEST_PSYCOGREEN=green), "g"),
+        "eventlet": worker("eventlet", 4, worker_env(redis_server, db=1), "e"),
+        "threads": worker("threads", limit + 1, worker_env(redis_server, db=2), "t"),
+    }
+    if DRIVER == "psycopg2":
+        runs["unpatched"] = worker("gevent", 4, worker_env(redis_server, db=3), "u")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(side_by_side(*runs.values()))
+        for w in runs.values():
+            wait_for_log(w, " ready.")
+        lanes = [(f"{pool}-", runs[pool], db) for db, pool in enumerate(("gevent", "eventlet"))]
+        producers = {db: stack.enter_context(contextlib.closing(producer_for(redis_server, db))) for _, _, db in lanes}
+        clients = {db: redis_client if db == 0 else redis_db_client(redis_server, db) for _, _, db in lanes}
+        reports: list[dict[str, Any]] = []
+        for name, n in (("busy", 8), ("idle", 4)):
+            if name == "idle":
+                time.sleep(IDLE_PAST_TIMEOUT)
+            for prefix, _, db in lanes:
+                send(producers[db], *(f"{prefix}{name}-{i}" for i in range(n)))
+            for _, w, db in lanes:
+                reports += collect(clients[db], n, w)
+        # A task reports before its greenlet ends (and closes): wait for the last ones to leave.
+        deadline = time.monotonic() + 10
+        while (left := app_sessions()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        logs = {pool: w.output(tail=None) for pool, w in runs.items()}
+    assert [r.get("error") for r in reports] == [None] * 24
+    assert left == 0
+    assert row_count() == 24
+    for pool in ("gevent", "threads"):
+        assert f"{pool} pool: A pool of {limit + 1} threads or greenlets" in logs[pool], logs[pool]
+        assert f"max_connections={limit}" in logs[pool]
+        assert "(freshconn.W010)" in logs[pool]
+    assert "(freshconn.W010)" not in logs["eventlet"]
+    # Only psycopg2 blocks the hub; psycopg 3 and the MySQL drivers are made cooperative by gevent.
+    assert PSYCOGREEN_MISSING not in logs["gevent"] + logs["eventlet"] + logs["threads"]
+    if DRIVER == "psycopg2":
+        assert PSYCOGREEN_MISSING in logs["unpatched"], logs["unpatched"]

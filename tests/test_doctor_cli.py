@@ -49,6 +49,13 @@ def test_probe_idle_needs_a_positive_number(value: str) -> None:
         doctor("--database", "lite", "--probe-idle", value)
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "many"])
+def test_concurrency_needs_a_whole_number(value: str) -> None:
+    """--concurrency 0 (or negative, fractional, not a number) fails as a bad argument, naming it."""
+    with pytest.raises(CommandError, match=r"--concurrency: .* is not a whole number >= 1"):
+        doctor("--database", "lite", "--concurrency", value)
+
+
 def test_an_alias_given_twice_is_diagnosed_once(server: Server) -> None:
     """``--database doc --database doc`` reports the alias once."""
     with alias(server):

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.test import override_settings
 from testbed.servers import Server, free_port
 
-from freshconn import checks
+from freshconn import _inspect, checks
 from freshconn._findings import CATALOGUE, Finding
 
 from .conftest import DRIVER, ROOT, VENDOR, short_server_timeout_options
@@ -202,3 +202,47 @@ def test_string_conn_max_age_is_not_a_lifetime(server: Server) -> None:
         code, data = _doctor_json("doc")
     assert (data["databases"][0]["lifetime"], data["databases"][0]["lifetime_source"]) == (1800, "default")
     assert code == 2
+
+
+@pytest.mark.xfail(
+    DRIVER == "mysqlconnector",
+    strict=True,
+    raises=TypeError,
+    reason="core gap: _inspect.open_raw() calls raw.autocommit(True); mysql-connector-python's autocommit is a "
+    "property, so nothing can inspect its server (the doctor's own tests fail the same way)",
+)
+def test_concurrency_above_max_connections_from_the_check_and_the_doctor(server: Server) -> None:
+    """Two aliases on one server: a pool of max_connections/2 + 1 is W010, from check_concurrency() and the doctor."""
+    settings = server.django_settings(CONN_MAX_AGE=60, OPTIONS=dict(TIMEOUTS))
+    with temp_alias("agree", settings), temp_alias("agree2", settings):
+        limit = _inspect.inspect("agree").max_connections
+        assert limit
+        over, fits = limit // 2 + 1, limit // 2
+        messages = checks.check_concurrency(over, databases=["agree", "agree2", "lite"])
+        out = StringIO()
+        with pytest.raises(SystemExit) as exited:
+            call_command(
+                "freshconn", "doctor", "--format", "json", "--database", "agree", "--database", "agree2",
+                "--concurrency", str(over), stdout=out,
+            )  # fmt: skip
+        data = json.loads(out.getvalue())
+        assert checks.check_concurrency(fits, databases=["agree", "agree2"]) == []
+    assert [(m.id, m.obj) for m in messages] == [("freshconn.W010", "DATABASES['agree']")]
+    assert f"that is {over * 2}, but the server allows max_connections={limit}" in messages[0].msg
+    assert f"Run at most {limit // 2} threads or greenlets" in messages[0].hint
+    first, second = data["databases"]
+    verdict = next(v for v in first["verdicts"] if v["id"] == "concurrency-above-max-connections")
+    assert (verdict["check_id"], verdict["message"], verdict["fix"]) == (
+        "freshconn.W010",
+        messages[0].msg,
+        messages[0].hint,
+    )
+    assert "concurrency-above-max-connections" not in {v["id"] for v in second["verdicts"]}
+    assert exited.value.code == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "8"])
+def test_check_concurrency_takes_a_positive_int(value: Any) -> None:
+    """check_concurrency() refuses a concurrency that is not an int >= 1, naming what it got."""
+    with pytest.raises(TypeError, match="int >= 1"):
+        checks.check_concurrency(value)

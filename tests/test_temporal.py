@@ -19,6 +19,7 @@ import freshconn
 from tests.app.models import Order
 from tests.conftest import IDLE_PAST_TIMEOUT
 from tests.queue_tasks.faults import close_test_connections, kill_sessions, restart_server
+from tests.queue_tasks.harness import one_driver_per_vendor
 
 temporalio = pytest.importorskip("temporalio")
 from temporalio import activity, workflow  # noqa: E402
@@ -28,7 +29,12 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
 from freshconn.contrib.temporal import FreshconnInterceptor  # noqa: E402
 
-pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.broker,
+    pytest.mark.slow,
+    one_driver_per_vendor(mysql="mysqlclient", postgresql="psycopg"),
+]
 
 TEMPORAL = os.path.join(os.path.dirname(sys.executable), "temporal")
 if not os.access(TEMPORAL, os.X_OK):
@@ -91,26 +97,30 @@ class Runner:
         )
 
 
-async def with_worker(body: Any, *, integration: bool) -> Any:
-    pool: concurrent.futures.ThreadPoolExecutor = (
-        freshconn.ThreadPoolExecutor(1) if integration else concurrent.futures.ThreadPoolExecutor(1)
-    )
+async def with_workers(body: Any) -> Any:
+    """One dev server, two workers side by side: freshconn's (interceptor and pool), and a plain one for contrast."""
+    pool, plain_pool = freshconn.ThreadPoolExecutor(1), concurrent.futures.ThreadPoolExecutor(1)
     env = await WorkflowEnvironment.start_local(dev_server_existing_path=TEMPORAL, ui=False)
     try:
-        task_queue = f"q-{uuid.uuid4().hex[:8]}"
-        async with Worker(
-            env.client,
-            task_queue=task_queue,
-            workflows=[Batch],
-            activities=[record_sync, record_async],
-            activity_executor=pool,
-            interceptors=[FreshconnInterceptor()] if integration else [],
-            workflow_runner=UnsandboxedWorkflowRunner(),
+        queue, plain_queue = f"q-{uuid.uuid4().hex[:8]}", f"plain-{uuid.uuid4().hex[:8]}"
+        common: dict[str, Any] = {
+            "workflows": [Batch],
+            "activities": [record_sync, record_async],
+            "workflow_runner": UnsandboxedWorkflowRunner(),
+        }
+        async with (
+            Worker(
+                env.client, task_queue=queue, activity_executor=pool, interceptors=[FreshconnInterceptor()], **common
+            ),
+            Worker(env.client, task_queue=plain_queue, activity_executor=plain_pool, **common),
         ):
-            return await body(Runner(env, task_queue))
+            return await body(Runner(env, queue), Runner(env, plain_queue))
     finally:
         await env.shutdown()
         pool.shutdown()
+        # The plain pool's thread never closes its (dead) connection: close it there, as a test must.
+        plain_pool.submit(freshconn.close_thread_connections).result()
+        plain_pool.shutdown()
         await sync_to_async(connections.close_all, thread_sensitive=True)()
 
 
@@ -119,9 +129,12 @@ def delta(before: list[dict[str, Any]], after: list[dict[str, Any]], counter: st
 
 
 def test_activity_attempts_ride_idle_kill_and_restart(short_timeout, server):
-    """Sync and async activities: no connect or ping while busy; idle, KILL and a restart cost no attempt; each once."""
+    """Sync and async activities ride idle, KILL and a restart, each once; without it, every retry hits a dead one."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import RetryState
 
-    async def body(run: Runner) -> int:
+    async def body(run: Runner, plain: Runner) -> int:
+        await plain.batch("sync", "plain-warm", 1)  # before the counted phases: its connect is not counted
         sent = 0
         for kind in ("sync", "async"):
             warm = await run.batch(kind, "warm", 2)
@@ -130,6 +143,10 @@ def test_activity_attempts_ride_idle_kill_and_restart(short_timeout, server):
             assert delta(warm, busy, "pings") == 0
             sent += 502
         await asyncio.sleep(IDLE_PAST_TIMEOUT)
+        # Contrast: the plain worker's activity fails on all three attempts, on the same dead connection.
+        with pytest.raises(WorkflowFailureError) as failed:
+            await plain.batch("sync", "plain-idle", 1, attempts=3)
+        assert failed.value.cause.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
         idle = [*(await run.batch("sync", "idle", 2)), *(await run.batch("async", "idle", 2))]
         assert max(r["stats"]["discarded_server_idle"] for r in idle) >= 2
         kill_sessions(server, {r["backend"] for r in idle})
@@ -140,24 +157,9 @@ def test_activity_attempts_ride_idle_kill_and_restart(short_timeout, server):
         await run.batch("async", "restart", 2)
         return sent + 12
 
-    sent = asyncio.run(with_worker(body, integration=True))
-    close_test_connections()
-    assert Order.objects.count() == sent
-
-
-def test_without_freshconn_every_retry_hits_the_same_dead_connection(short_timeout):
-    """Contrast: after the server's idle timeout, a sync activity fails on every one of its three attempts."""
-    from temporalio.client import WorkflowFailureError
-    from temporalio.exceptions import RetryState
-
-    async def body(run: Runner) -> None:
-        await run.batch("sync", "warm", 1)
-        await asyncio.sleep(IDLE_PAST_TIMEOUT)
-        with pytest.raises(WorkflowFailureError) as failed:
-            await run.batch("sync", "idle", 1, attempts=3)
-        assert failed.value.cause.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
-
     ATTEMPTS.clear()
-    asyncio.run(with_worker(body, integration=False))
-    assert ATTEMPTS.count("sync-idle-0") == 3
-    assert Order.objects.filter(ref__startswith="sync-idle").count() == 0
+    sent = asyncio.run(with_workers(body))
+    close_test_connections()
+    assert Order.objects.exclude(ref__startswith="sync-plain").count() == sent
+    assert ATTEMPTS.count("sync-plain-idle-0") == 3
+    assert Order.objects.filter(ref__startswith="sync-plain-idle").count() == 0

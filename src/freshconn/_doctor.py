@@ -90,10 +90,20 @@ def build(
     aliases: list[str],
     probe_max: float | None = None,
     progress: Callable[[str], Any] | None = None,
+    concurrency: int | None = None,
 ) -> Report:
-    """Diagnose ``aliases``; ``progress(alias)`` returns the probe's progress callback for that alias."""
+    """Diagnose ``aliases``; ``progress(alias)`` returns the probe's progress callback for that alias.
+
+    ``concurrency``: the threads or greenlets of the workers' pool, judged against each server's
+    max_connections with ``aliases`` as the aliases they use.
+    """
     cfg, error = _judge.load_config()
     reports = [diagnose(alias, cfg, probe_max, progress(alias) if progress else None) for alias in aliases]
+    if concurrency is not None:
+        by_alias = {rep.alias: rep for rep in reports}
+        inspected = [(rep.settings, rep.facts) for rep in reports if rep.facts is not None]
+        for found in _judge.concurrency_hits(inspected, concurrency):
+            by_alias[str(found.alias)].hits.append(found)
     return Report(config=cfg, config_error=error, global_hits=_judge.config_hits(cfg, error), databases=reports)
 
 

@@ -97,6 +97,11 @@ CATALOGUE: tuple[Finding, ...] = (
     _f("W009", "probe-failed", "warning", "probe",
        "`--probe-idle` could not open or use its connections (the error is reduced to its code and kind)",
        "allow a few more connections, run again"),
+    _f("W010", "concurrency-above-max-connections", "warning", "server",
+       "a gevent, eventlet or threads pool of N greenlets or threads needs up to N connections per alias: N x the "
+       "aliases on one server exceeds its `max_connections` (`doctor --concurrency N`, `freshconn.checks."
+       "check_concurrency(N)`, Celery workers at start)",
+       "lower the concurrency, raise `max_connections`, or put a pooler (PgBouncer, ProxySQL) in front"),
     _f("I001", "no-connect-timeout", "note", "settings",
        "no `connect_timeout` (PyMySQL defaults to 10 s, so not for it): a connect to an unreachable server waits "
        "about two minutes",

@@ -19,6 +19,7 @@ from ._probe import ProbeResult
 from ._redact import SETTINGS_KINDS, ConnectFailure
 
 __all__ = [
+    "concurrency_hits",
     "config_hits",
     "failure_hit",
     "load_config",
@@ -283,6 +284,40 @@ def server_hits(s: AliasSettings, facts: ServerFacts, *, probed: bool = False) -
                 f"max_allowed_packet is {packet / _MIB:g} MiB: a larger statement or row makes the server drop the "
                 "connection (error 2006, 'gone away'), which looks like a disconnect.",
                 "Raise the server's max_allowed_packet (e.g. 64M) or send smaller batches.",
+            )
+        )
+    return found
+
+
+def concurrency_hits(servers: list[tuple[AliasSettings, ServerFacts]], concurrency: int) -> list[Hit]:
+    """A pool of ``concurrency`` threads or greenlets against each server's max_connections.
+
+    ``servers``: the aliases in scope that were inspected, with what their server said. Each thread
+    or greenlet keeps its own connection per alias, so aliases on one server (same host and port)
+    add up; the finding is reported once per server, on its first alias.
+    """
+    groups: dict[tuple[str, int | None], list[tuple[AliasSettings, ServerFacts]]] = {}
+    for view, facts in servers:
+        groups.setdefault((view.host or "localhost", view.configured_port), []).append((view, facts))
+    found: list[Hit] = []
+    for group in groups.values():
+        first, facts = group[0]
+        limit, names = facts.max_connections, [view.alias for view, _ in group]
+        needed = concurrency * len(names)
+        if not limit or needed <= limit:
+            continue
+        aliases = ", ".join(repr(n) for n in names)
+        found.append(
+            hit(
+                "concurrency-above-max-connections",
+                first.alias,
+                f"A pool of {concurrency} threads or greenlets keeps up to {concurrency} connections per alias: "
+                f"with {len(names)} alias{'es' if len(names) != 1 else ''} on this server ({aliases}) that is "
+                f"{needed}, but the server allows max_connections={limit}: under load, connects (and every "
+                "reconnect after a drop) are refused.",
+                f"Run at most {max(1, limit // len(names))} threads or greenlets per worker (less, with other "
+                "clients on this server), raise the server's max_connections, or put a pooler (PgBouncer, "
+                "ProxySQL) in front.",
             )
         )
     return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from celery import Celery
@@ -18,6 +19,19 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+if os.environ.get("FRESHCONN_TEST_CELERY_DB") == "1":
+    # django-celery-results stores every state, django-celery-beat schedules (tests.celery_settings).
+    app.conf.update(
+        task_ignore_result=False,
+        result_backend="django-db",
+        beat_scheduler="tests.queue_tasks.celery_beat:OneTaskScheduler",  # a DatabaseScheduler
+        beat_sync_every=1,  # save each entry's run at once
+        beat_max_loop_interval=float(os.environ.get("FRESHCONN_TEST_BEAT_MAX_LOOP", "1")),
+    )
+if os.environ.get("FRESHCONN_TEST_PSYCOGREEN") == "1":
+    from psycogreen.gevent import patch_psycopg
+
+    patch_psycopg()
 if os.environ.get("FRESHCONN_TEST_PARENT_QUERY") == "1":
     # Connected before install(): runs after the Django fix-up's worker_init (which closes the
     # parent's connections) and before the pool forks, so the children inherit an open session.
@@ -43,3 +57,11 @@ if integration_enabled():
 @app.task(name="freshconn_tests.record")
 def record_task(ref: str) -> dict[str, Any]:
     return record(ref)
+
+
+@app.task(name="freshconn_tests.record_slowly")
+def record_slowly(ref: str, seconds: float) -> str:
+    """Write a row, then work (without the database) for ``seconds``; the result is stored after."""
+    record(ref)
+    time.sleep(seconds)
+    return ref

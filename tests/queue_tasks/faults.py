@@ -9,12 +9,18 @@ through the framework's real broker and asserts, from the reports and the table:
 - after idling past the server's idle timeout, after a server-side KILL of the worker's sessions,
   and after a restart of the database server: every task succeeds;
 - every task was applied exactly once (row count equals tasks sent).
+
+A ``Contrast`` (the same worker without freshconn, started side by side with its own broker queue
+and reports) is fed during the same run: one task before the warm-up, ``after`` tasks once the
+idle spell is over; the scenario records their errors. It shares the scenario's start-up and idle
+wait instead of paying its own.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connections
@@ -78,6 +84,27 @@ def close_test_connections() -> None:
             conn.connection = None
 
 
+@dataclass
+class Contrast:
+    """A worker without freshconn, fed alongside a scenario (see the module docstring)."""
+
+    send: Callable[[list[str]], None]
+    client: Any
+    worker: WorkerProcess
+    #: Tasks sent after the idle spell, one after the other.
+    after: int = 1
+    #: The error each of them reported (None: it succeeded).
+    errors: list[str | None] = field(default_factory=list)
+    rows: int = 0
+
+    def one(self, ref: str) -> str | None:
+        self.send([ref])
+        (report,) = collect(self.client, 1, self.worker)
+        if "error" not in report:
+            self.rows += 1
+        return report.get("error")
+
+
 def run_scenario(
     send: Callable[[list[str]], None],
     client: Any,
@@ -86,6 +113,7 @@ def run_scenario(
     *,
     busy: int = BUSY,
     warm: int = 4,
+    contrast: Contrast | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run the phases (see the module docstring) through ``send(refs)``; return the reports by phase."""
     phases: dict[str, list[dict[str, Any]]] = {}
@@ -98,29 +126,28 @@ def run_scenario(
         assert errors(got) == [], (name, errors(got)[:5], worker.output())
         return got
 
+    if contrast is not None:
+        # First: waiting for the contrast worker to start must not idle the scenario's connections.
+        assert contrast.one("plain-warm") is None, contrast.worker.output()
     warmed = batch("warm", warm)
     busy_reports = batch("busy", busy)
     for counter in ("connects", "pings"):
         before, after = per_pid(warmed, counter), per_pid(busy_reports, counter)
-        assert {pid: after[pid] - before.get(pid, 0) for pid in after} == dict.fromkeys(after, 0), counter
+        moved = {pid: after[pid] - before.get(pid, 0) for pid in after}
+        # On failure: which busy task saw the counter move, and why (a connection discarded meanwhile?).
+        first = next((r for r in busy_reports if r["stats"][counter] > before.get(r["pid"], 0)), None)
+        assert moved == dict.fromkeys(after, 0), (counter, moved, first)
     time.sleep(IDLE_PAST_TIMEOUT)
+    if contrast is not None:
+        contrast.errors = [contrast.one(f"plain-after-idle-{i}") for i in range(contrast.after)]
     idle = batch("idle", warm)
     # Dropped without an error: by the idle limit freshconn read from the session, or by its closed socket.
     idle_drops, dead_drops = per_pid(idle, "discarded_server_idle"), per_pid(idle, "discarded_dead")
-    assert max(idle_drops[pid] + dead_drops[pid] for pid in idle_drops) >= 1
+    assert max(idle_drops[pid] + dead_drops[pid] for pid in idle_drops) >= 1, [r["stats"] for r in idle]
     kill_sessions(server, {r["backend"] for r in idle})
     batch("kill", warm)
     restart_server(server)
     batch("restart", warm)
     close_test_connections()
-    assert row_count() == sum(len(v) for v in phases.values())
+    assert row_count() == sum(len(v) for v in phases.values()) + (contrast.rows if contrast else 0)
     return phases
-
-
-def expect_failure_after_idle(send: Callable[[list[str]], None], client: Any, worker: WorkerProcess) -> list[str]:
-    """Contrast: one task, an idle spell past the server timeout, one more; return the errors reported."""
-    send(["plain-0"])
-    assert errors(collect(client, 1, worker)) == []
-    time.sleep(IDLE_PAST_TIMEOUT)
-    send(["plain-1"])
-    return errors(collect(client, 1, worker))

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from testbed.redis import Redis
 
-from tests.conftest import ROOT, short_server_timeout_options, subprocess_env
+from tests.conftest import DRIVER, ROOT, VENDOR, short_server_timeout_options, subprocess_env
 from tests.queue_tasks import REDIS_URL_ENV, REPORTS_KEY
 
 
@@ -29,22 +29,53 @@ def redis_server() -> Iterator[Redis]:
 
 @pytest.fixture
 def redis_client(redis_server: Redis) -> Iterator[Any]:
-    """A client of the module's Redis, emptied before each test."""
+    """A client of the module's Redis (database 0), every database emptied before each test."""
     client = redis_server.client()
-    client.flushdb()
+    client.flushall()
     try:
         yield client
     finally:
         client.close()
 
 
-def worker_env(redis_server: Redis, *, integration: bool = True, **extra: str) -> dict[str, str]:
-    """The environment of a worker process: same DB, a 2 s server idle timeout, this Redis."""
+def redis_db(redis_server: Redis, db: int) -> str:
+    """The URL of one of the Redis server's numbered databases: one per worker run side by side."""
+    return f"{redis_server.url.rsplit('/', 1)[0]}/{db}"
+
+
+def redis_db_client(redis_server: Redis, db: int) -> Any:
+    """A client of one of the server's numbered databases (``client(db=...)`` would keep the URL's /0)."""
+    import redis
+
+    return redis.Redis.from_url(redis_db(redis_server, db))
+
+
+def worker_env(redis_server: Redis, *, integration: bool = True, db: int = 0, **extra: str) -> dict[str, str]:
+    """The environment of a worker process: same DB, a 2 s server idle timeout, this Redis (database ``db``).
+
+    Workers run side by side (a contrast without freshconn next to the scenario) each get a Redis
+    database of their own, for their broker queue and their reports.
+    """
     return subprocess_env(
         FRESHCONN_TEST_DB_OPTIONS=json.dumps(short_server_timeout_options()),
         FRESHCONN_TEST_INTEGRATION="1" if integration else "0",
-        **{REDIS_URL_ENV: redis_server.url},
+        **{REDIS_URL_ENV: redis_db(redis_server, db)},
         **extra,
+    )
+
+
+def one_driver_per_vendor(mysql: str, postgresql: str) -> pytest.MarkDecorator:
+    """Run a runtime's worker-process proofs on one driver of each vendor only (CI time budget).
+
+    These tests prove what a framework integration does with connections; how each driver's
+    disconnects are seen is proven for every driver by the core tests. FRESHCONN_ALL_DRIVERS=1
+    runs them on every driver.
+    """
+    chosen = mysql if VENDOR == "mysql" else postgresql
+    return pytest.mark.skipif(
+        chosen != DRIVER and os.environ.get("FRESHCONN_ALL_DRIVERS") != "1",
+        reason=f"CI time budget: this runtime's worker proofs run on {chosen} for {VENDOR} "
+        f"(FRESHCONN_ALL_DRIVERS=1 runs them on {DRIVER} too)",
     )
 
 
@@ -56,6 +87,7 @@ class WorkerProcess:
         self.stop_timeout = stop_timeout
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self._signaled = False
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__, read before
 
     def __enter__(self) -> WorkerProcess:
@@ -70,6 +102,12 @@ class WorkerProcess:
         finally:
             self.log.close()
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM, once) without waiting: ``stop()`` then waits for it."""
+        if self.proc is not None and self.proc.poll() is None and not self._signaled:
+            self.proc.send_signal(signal.SIGTERM)
+            self._signaled = True
+
     def stop(self, timeout: float | None = None) -> None:
         timeout = self.stop_timeout if timeout is None else timeout
         proc = self.proc
@@ -78,7 +116,7 @@ class WorkerProcess:
 
         if proc.poll() is None:
             # A warm shutdown first: the worker finishes its task and closes what it can.
-            proc.send_signal(signal.SIGTERM)
+            self.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
         # Then anything left in the group (pool children that outlived their parent).
@@ -87,10 +125,26 @@ class WorkerProcess:
         if proc.poll() is None:
             proc.wait(10)
         self.proc = None
+        self._signaled = False
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 6000) -> str:
+        """What the process wrote so far (its last ``tail`` characters; None: all of it)."""
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-6000:]
+        text = self.log.read().decode(errors="replace")
+        return text if tail is None else text[-tail:]
+
+
+@contextlib.contextmanager
+def side_by_side(*workers: WorkerProcess) -> Iterator[tuple[WorkerProcess, ...]]:
+    """Run worker processes together; at the end all are signalled first, so their shutdowns overlap."""
+    with contextlib.ExitStack() as stack:
+        for w in workers:
+            stack.enter_context(w)
+        try:
+            yield workers
+        finally:
+            for w in workers:
+                w.terminate()
 
 
 def collect(client: Any, n: int, worker: WorkerProcess, timeout: float = 60.0, key: str = REPORTS_KEY) -> list[Any]:

@@ -9,7 +9,10 @@ from tests.queue_tasks import integration_enabled, record, redis_url, setup_djan
 
 setup_django()
 
-broker = ListQueueBroker(redis_url(), queue_name="freshconn-tests-taskiq")
+# redis-py >= 8 gives every socket a 5 s read timeout, which the broker's blocking BRPOP (no timeout
+# of its own) hits whenever the queue stays empty that long: the worker process dies and taskiq
+# starts a new one (with new connections). Without a socket timeout, an idle worker just waits.
+broker = ListQueueBroker(redis_url(), queue_name="freshconn-tests-taskiq", socket_timeout=None)
 if integration_enabled():
     from freshconn.contrib.taskiq import FreshconnMiddleware
 

@@ -10,8 +10,9 @@
 - in each prefork child (``worker_process_init``) drops the connections inherited from the parent
   without a byte on their sockets (see ``freshconn._fork``), before Celery's own fix-up gets there;
 - closes the connections of the thread that ends a prefork child or a solo worker;
-- runs every write of a django-celery-results backend as a unit: in the worker's MainProcess (the
-  revoked and expired states it records, Celery #8405/#9239) a unit of its own; the final state a
+- runs every write (and state read) of a django-celery-results backend as a unit: in the worker's
+  MainProcess (the revoked and expired states it records, Celery #8405/#9239, and the state it reads
+  before recording a ``revoke`` command) a unit of its own; the final state a
   task stores after its body returned starts a fresh unit first, so a result written after a long
   task finds a checked connection (django-celery-results PR #498);
 - runs each tick of beat's scheduler (django-celery-beat's ``DatabaseScheduler`` included) and
@@ -19,8 +20,10 @@
 - gevent and eventlet pools: each task is a unit in its greenlet (Django's connections are
   per greenlet there), and the task's greenlet closes its connections when the task ends, so
   finished greenlets leave none open. At start-up the worker logs an error when psycopg2 runs
-  under gevent without psycogreen (every query would block the whole hub), and a warning when
-  ``concurrency`` connections per alias would exceed the server's ``max_connections``.
+  under gevent without psycogreen (every query would block the whole hub).
+- gevent, eventlet and threads pools: at start-up the worker logs a warning (``freshconn.W010``,
+  ``freshconn.checks.check_concurrency``) when ``concurrency`` connections per alias would exceed
+  a server's ``max_connections``.
 
 Eager tasks (``task.apply()``, ``task_always_eager``) are left alone, like Celery's fix-up does: they
 run inside their caller's own unit, if any.
@@ -45,6 +48,7 @@ from freshconn import (
     forget_inherited_connections,
 )
 from freshconn import open_unit as _open_unit
+from freshconn.checks import check_concurrency
 
 __all__ = ["install"]
 
@@ -53,6 +57,9 @@ logger = logging.getLogger("freshconn")
 #: The states Celery's tracer stores once the task body has returned (the unit can be renewed then).
 _FINAL_STATES = states.READY_STATES | {states.RETRY}
 _BACKEND_WRITES = ("store_result", "save_group", "forget", "delete_group", "cleanup")
+#: Reads (``get_state``, ``get_result``... go through ``get_task_meta``): the MainProcess reads a
+#: task's state before it records a revoke command, and a read on a dead connection broke that.
+_BACKEND_READS = ("get_task_meta", "restore_group")
 
 
 def _unwrap(app: Any) -> Any:
@@ -109,10 +116,10 @@ class _Integration:
                 close_thread_connections()  # this greenlet ends with its task: nobody else can close them
 
     def wrap_backend(self, backend: Any) -> Any:
-        """Each write of a django-celery-results backend as a unit (see the module docstring)."""
+        """Each read and write of a django-celery-results backend as a unit (see the module docstring)."""
         if not type(backend).__module__.startswith("django_celery_results") or getattr(backend, "_freshconn", False):
             return backend
-        for name in _BACKEND_WRITES:
+        for name in (*_BACKEND_WRITES, *_BACKEND_READS):
             method = getattr(backend, name, None)
             if method is not None:
                 setattr(backend, name, self._unit_write(method, name == "store_result"))
@@ -151,9 +158,11 @@ class _Integration:
         if worker_app is not None and worker_app is not _unwrap(self.app):
             return
         pool = getattr(getattr(sender, "pool_cls", None), "__module__", "") or ""
+        concurrency = int(getattr(sender, "concurrency", 0) or 0)
         if "gevent" in pool or "eventlet" in pool:
             self.greenlets = True
-            _check_green_pool(pool, int(getattr(sender, "concurrency", 0) or 0), self.using)
+        if concurrency > 0 and any(kind in pool for kind in ("gevent", "eventlet", "thread")):
+            _check_pool(pool, concurrency, self.using)
         for fixup in getattr(self.app, "_fixups", None) or ():
             worker_fixup = getattr(fixup, "worker_fixup", None)
             if worker_fixup is None or not hasattr(worker_fixup, "close_database"):
@@ -180,15 +189,14 @@ def _in_atomic() -> bool:
     return any(conn.in_atomic_block for conn in connections.all(initialized_only=True))
 
 
-def _check_green_pool(pool: str, concurrency: int, using: Using) -> None:
-    """At a gevent/eventlet worker's start: psycopg2 without psycogreen, and connections the servers refuse."""
+def _check_pool(pool: str, concurrency: int, using: Using) -> None:
+    """At a gevent/eventlet/threads worker's start: psycopg2 without psycogreen, and connections the servers refuse."""
     aliases = [using] if isinstance(using, str) else list(using or connections)
-    servers: dict[tuple[str, str], list[str]] = {}
-    for alias in aliases:
-        conn = connections[alias]
-        if conn.vendor not in ("mysql", "postgresql"):
-            continue
-        if "gevent" in pool and getattr(getattr(conn, "Database", None), "__name__", "") == "psycopg2":
+    if "gevent" in pool:
+        for alias in aliases:
+            conn = connections[alias]
+            if conn.vendor != "postgresql" or getattr(getattr(conn, "Database", None), "__name__", "") != "psycopg2":
+                continue
             import psycopg2.extensions
 
             if psycopg2.extensions.get_wait_callback() is None:
@@ -199,38 +207,24 @@ def _check_green_pool(pool: str, concurrency: int, using: Using) -> None:
                     concurrency,
                     extra={"alias": alias, "reason": "psycopg2_blocks_gevent"},
                 )
-        settings = conn.settings_dict
-        servers.setdefault((str(settings.get("HOST")), str(settings.get("PORT"))), []).append(alias)
-    for names in servers.values():
-        needed = concurrency * len(names)
-        limit = _max_connections(names[0])
-        if limit is not None and needed > limit:
-            logger.warning(
-                "%s pool: up to %d greenlets x %d alias(es) %s = %d connections, but the server allows "
-                "max_connections=%d: connects will be refused under load. Lower --concurrency, raise "
-                "max_connections, or put a pooler (PgBouncer, ProxySQL) in front.",
-                pool.rsplit(".", 1)[-1],
-                concurrency,
-                len(names),
-                names,
-                needed,
-                limit,
-                extra={"alias": names[0], "reason": "concurrency_above_max_connections"},
-            )
+    for message in check_concurrency(concurrency, databases=aliases):
+        if message.is_silenced():
+            continue
+        name = pool.rsplit(".", 1)[-1]
+        logger.warning(
+            "%s pool: %s (%s) %s",
+            "threads" if name == "thread" else name,  # Celery's name for it (-P threads)
+            message.msg,
+            message.id,
+            message.hint,
+            extra={"alias": _alias_of(message.obj), "reason": "concurrency_above_max_connections"},
+        )
 
 
-def _max_connections(alias: str) -> int | None:
-    conn = connections[alias]
-    sql = "SELECT @@max_connections" if conn.vendor == "mysql" else "SHOW max_connections"
-    try:
-        with UnitOfWork(alias), conn.cursor() as cursor:
-            cursor.execute(sql)
-            row = cursor.fetchone()
-        return int(row[0]) if row else None
-    except Exception:  # noqa: BLE001 - a start-up advice; the worker's own connects will report the real error
-        return None
-    finally:
-        close_thread_connections()
+def _alias_of(obj: Any) -> str | None:
+    """The alias in a check message's object, ``DATABASES['name']``."""
+    text = str(obj or "")
+    return text[len("DATABASES['") : -2] if text.startswith("DATABASES['") else None
 
 
 def install(app: Celery, *, using: Using = None) -> None:

@@ -1,6 +1,7 @@
 """``manage.py freshconn doctor``: what your servers, proxies and settings will do to connections.
 
     python manage.py freshconn doctor [--database ALIAS] [--format text|json] [--probe-idle MAX_SECONDS]
+                                      [--concurrency N]
 
 Exit status, a contract CI can rely on: 0 healthy (notes allowed), 1 warnings from a completed run,
 2 anything else: an error found, a database not reached, invalid settings, or bad arguments
@@ -47,6 +48,19 @@ def _probe_seconds(value: str) -> float:
     return seconds
 
 
+def _concurrency(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a whole number >= 1. Fix: e.g. --concurrency 100 (the threads or greenlets of "
+            "one worker's pool)."
+        )
+    return number
+
+
 def _base_options(parser: CommandParser) -> None:
     """Django's own options, accepted after the subcommand too (``doctor --settings X``).
 
@@ -91,6 +105,13 @@ class Command(BaseCommand):
             help="Measure the real end-to-end idle limit (server, proxies, NAT) by idling connections for "
             "growing spans up to MAX_SECONDS. Takes about that long, or less when a limit is found.",
         )
+        doctor.add_argument(
+            "--concurrency",
+            type=_concurrency,
+            metavar="N",
+            help="Judge a gevent, eventlet or threads pool of N greenlets or threads (one connection each per "
+            "alias) against each server's max_connections.",
+        )
         _base_options(doctor)
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -102,7 +123,7 @@ class Command(BaseCommand):
         fmt = options.get("format") or "text"
         # Progress only for a person watching: redrawn lines would flood a redirected log.
         progress = self._progress_for if probe is not None and self.stderr.isatty() else None
-        report = _doctor.build(aliases, probe, progress)
+        report = _doctor.build(aliases, probe, progress, options.get("concurrency"))
         self.stdout.write(
             _doctor_output.render_json(report) if fmt == "json" else _doctor_output.render_text(report),
             ending="\n" if fmt == "json" else "",

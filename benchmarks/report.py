@@ -196,6 +196,42 @@ def instruction_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+CACHE_HEADERS = (
+    "case",
+    "est. cycles",
+    "vs unsafe",
+    "instructions vs unsafe",
+    "L1 instruction misses",
+    "L1 data read misses",
+    "L1 data write misses",
+)
+
+
+def cache_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    cache = results.get("cache") or {}
+    cycles, events = cache.get("cycles_per_unit"), cache.get("events_per_unit")
+    if not cycles:
+        return []
+    base, base_ev = cycles["unsafe"], events["unsafe"]
+    rows = []
+    for case, value in cycles.items():
+        ev = events[case]
+        d = value - base
+        rows.append(
+            (
+                case,
+                f"{value:,.0f}",
+                "-" if case == "unsafe" else f"{d:+,.0f} ({100 * d / base:+.1f}%)",
+                "-" if case == "unsafe" else f"{ev['Ir'] - base_ev['Ir']:+,.0f}",
+                *(
+                    f"{ev.get(k, 0):,.0f}" if case == "unsafe" else f"{ev.get(k, 0) - base_ev.get(k, 0):+,.0f}"
+                    for k in ("I1mr", "D1mr", "D1mw")
+                ),
+            )
+        )
+    return rows
+
+
 def breakdown_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     from benchmarks.breakdown import DESCRIPTIONS
 
@@ -284,6 +320,17 @@ def _render(results: dict[str, Any], table: Callable[..., list[str]], heading: C
             "",
         ]
         out += table(instr_headers(results), instr, 1)
+        out.append("")
+    cache = cache_rows(results)
+    if cache:
+        out += [
+            heading(
+                f"estimated cycles per message (callgrind cache simulation, {results['cache']['driver']}): "
+                "instructions + 10 x first-level misses + 100 x last-level misses, and the misses freshconn adds"
+            ),
+            "",
+        ]
+        out += table(CACHE_HEADERS, cache, 1)
         out.append("")
     pieces = breakdown_rows(results)
     if pieces:

@@ -160,15 +160,21 @@ def run_child(driver: str, db: dict[str, Any], out_file: str, options: list[str]
 
 
 def run_instructions(
-    driver: str, db: dict[str, Any], workdir: str, options: list[str], module: str = "benchmarks.instructions"
+    driver: str,
+    db: dict[str, Any],
+    workdir: str,
+    options: list[str],
+    module: str = "benchmarks.instructions",
+    cache_sim: bool = False,
 ) -> dict[str, Any]:
-    """One callgrind run (benchmarks.instructions, or benchmarks.breakdown): instructions per unit, per case."""
+    """One callgrind run (benchmarks.instructions, or benchmarks.breakdown): events per unit, per case."""
     out_dir = tempfile.mkdtemp(prefix=f"cg-{driver}-", dir=workdir)
     out_file = os.path.join(out_dir, "cases.json")
-    cmd = instructions.command(out_dir, sys.executable, [f"--driver={driver}", f"--out={out_file}", *options], module)
-    proc = subprocess.run(
-        cmd, input=json.dumps(db), text=True, cwd=ROOT, env=_child_env(), check=False, capture_output=True
-    )
+    args = [f"--driver={driver}", f"--out={out_file}", *options]
+    cmd = instructions.command(out_dir, sys.executable, args, module, cache_sim)
+    # A fixed hash seed: the same dict layouts in every run, so counts also compare across processes.
+    env = {**_child_env(), "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(cmd, input=json.dumps(db), text=True, cwd=ROOT, env=env, check=False, capture_output=True)
     if proc.returncode != 0:
         log(proc.stderr[-3000:])
         raise SystemExit(f"the {driver} instruction count failed with exit code {proc.returncode}")
@@ -177,13 +183,23 @@ def run_instructions(
     totals = instructions.read_dumps(out_dir)
     if len(totals) < len(data["cases"]):
         raise SystemExit(f"callgrind wrote {len(totals)} dumps for {len(data['cases'])} cases")
-    cases: dict[str, list[float]] = {}
+    cases: dict[str, list[dict[str, int]]] = {}
     for case, total in zip(data["cases"], totals, strict=False):
-        cases.setdefault(case["case"], []).append(total / case["units"])
-        case["instructions"] = total
+        cases.setdefault(case["case"], []).append(total)
+        case["events"] = total
     shutil.rmtree(out_dir, ignore_errors=True)
-    per_unit = {name: statistics.median(values) for name, values in cases.items()}
-    return {"per_unit": per_unit, "cases": data["cases"], "idle_aliases": data.get("idle_aliases", 0)}
+    units = {case["case"]: case["units"] for case in data["cases"]}
+    per_unit = {name: statistics.median(t["Ir"] for t in runs) / units[name] for name, runs in cases.items()}
+    out: dict[str, Any] = {"per_unit": per_unit, "cases": data["cases"], "idle_aliases": data.get("idle_aliases", 0)}
+    if cache_sim:
+        # Per unit: every event, and the estimated cycles (first repeat; the counts are deterministic).
+        out["events_per_unit"] = {
+            name: {k: v / units[name] for k, v in runs[0].items()} for name, runs in cases.items()
+        }
+        out["cycles_per_unit"] = {
+            name: instructions.estimated_cycles(ev) for name, ev in out["events_per_unit"].items()
+        }
+    return out
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -259,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     children: dict[str, dict[str, Any]] = {}
     counted: dict[str, dict[str, Any]] = {}
     pieces: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
     common = [
         f"--seconds={args.seconds}",
         f"--rounds={args.rounds}",
@@ -314,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                 db = servers[VENDOR[drivers[0]]].django_settings()  # type: ignore[attr-defined]
                 pieces = run_instructions(drivers[0], db, workdir, [], "benchmarks.breakdown")
                 pieces["driver"] = drivers[0]
+                log(f"{drivers[0]}: cache misses per message (callgrind cache simulation) ...")
+                cache = run_instructions(drivers[0], db, workdir, [*base, "--cache-cases"], cache_sim=True)
+                cache["driver"] = drivers[0]
     finally:
         if redis is not None:
             redis.stop()
@@ -346,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "kill_trials": {d: children[d].get("shared", {}).get("kill_trials", {}) for d in drivers},
         "instructions": counted,
         "breakdown": pieces,
+        "cache": cache,
         "drivers": children,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -56,18 +56,23 @@ def is_unsafe(policy: str) -> bool:
 
 
 class Messages:
-    """A message source that yields primary keys until ``seconds`` have passed, and counts them."""
+    """A message source that yields primary keys until ``seconds`` have passed, and counts them.
 
-    def __init__(self, pks: list[int], seconds: float) -> None:
+    At least ``at_least`` messages, however long they take: a slice of a slow policy (a connect
+    per message) on a loaded machine still measures something.
+    """
+
+    def __init__(self, pks: list[int], seconds: float, at_least: int = 1) -> None:
         self.pks = pks
         self.seconds = seconds
+        self.at_least = at_least
         self.count = 0
 
     def __iter__(self) -> Iterator[int]:
-        pks, n, clock = self.pks, len(self.pks), time.perf_counter
+        pks, n, clock, at_least = self.pks, len(self.pks), time.perf_counter, self.at_least
         end = clock() + self.seconds
         i = 0
-        while clock() < end:
+        while i < at_least or clock() < end:
             yield pks[i % n]
             i += 1
         self.count = i
@@ -81,12 +86,12 @@ class GapMessages(Messages):
     sleep: a sleep's wake-up on a loaded machine lasts anything from the gap to milliseconds.
     """
 
-    def __init__(self, pks: list[int], seconds: float, gap: float) -> None:
-        super().__init__(pks, seconds)
+    def __init__(self, pks: list[int], seconds: float, gap: float, at_least: int = 1) -> None:
+        super().__init__(pks, seconds, at_least)
         self.gap = gap
 
     def __iter__(self) -> Iterator[int]:
-        pks, n, clock, gap = self.pks, len(self.pks), time.perf_counter, self.gap
+        pks, n, clock, gap, at_least = self.pks, len(self.pks), time.perf_counter, self.gap, self.at_least
         end = clock() + self.seconds
         i = 0
         while True:
@@ -95,7 +100,7 @@ class GapMessages(Messages):
                 until = now + gap
                 while now < until:
                     now = clock()
-            if now >= end:
+            if now >= end and i >= at_least:
                 break
             yield pks[i % n]
             i += 1
@@ -110,8 +115,8 @@ class RedisMessages(Messages):
     gap a real consumer has between units. ``starved`` counts the times the list ran dry anyway.
     """
 
-    def __init__(self, client: Any, key: str, seconds: float) -> None:
-        super().__init__([], seconds)
+    def __init__(self, client: Any, key: str, seconds: float, at_least: int = 1) -> None:
+        super().__init__([], seconds, at_least)
         self.client = client
         self.key = key
         self.starved = 0
@@ -122,10 +127,10 @@ class RedisMessages(Messages):
         self.client.rpush(self.key, *(pks[i % n] for i in range(count)))
 
     def __iter__(self) -> Iterator[int]:
-        clock, blpop, key = time.perf_counter, self.client.blpop, self.key
+        clock, blpop, key, at_least = time.perf_counter, self.client.blpop, self.key, self.at_least
         end = clock() + self.seconds
         i = 0
-        while clock() < end:
+        while i < at_least or clock() < end:
             item = blpop(key, timeout=1)
             if item is None:
                 self.starved += 1
@@ -360,15 +365,15 @@ class Worker(threading.Thread):
         if self.default_idle_threshold is not None:
             self.policy_module.SOCKET_CHECK_IDLE = self.default_idle_threshold
 
-    def source(self, variant: Variant, seconds: float) -> Messages:
+    def source(self, variant: Variant, seconds: float, at_least: int = 1) -> Messages:
         """The messages of one slice of ``variant`` (a Redis list is filled here, before any timing)."""
         if variant.redis:
-            msgs = RedisMessages(self.redis, self._redis_key(), seconds)
-            msgs.prefill(self.pks, int(3 * self.redis_rate * seconds) + 100)
+            msgs = RedisMessages(self.redis, self._redis_key(), seconds, at_least)
+            msgs.prefill(self.pks, int(3 * self.redis_rate * seconds) + 100 + at_least)
             return msgs
         if variant.gap:
-            return GapMessages(self.pks, seconds, variant.gap)
-        return Messages(self.pks, seconds)
+            return GapMessages(self.pks, seconds, variant.gap, at_least)
+        return Messages(self.pks, seconds, at_least)
 
     def _after(self, msgs: Messages, seconds: float) -> int:
         """Restore the default poll threshold; for Redis, learn the rate and drop the leftovers."""
@@ -422,7 +427,7 @@ class Worker(threading.Thread):
         samples: list[float] = []
         queries: list[float] = []
         self._reset()
-        msgs = self.source(variant, seconds)
+        msgs = self.source(variant, seconds, at_least=5)
         self._threshold()
         self.timed_loop(msgs, samples, queries)
         self._after(msgs, seconds)

@@ -1,18 +1,23 @@
-"""One driver's benchmark, in its own process: every policy, interleaved in many short rounds.
+"""One driver's benchmark, in its own process: every variant and policy, interleaved in many short rounds.
 
-    python -m benchmarks.child --driver mysqlclient --out FILE [--seconds S --rounds R ...]
+    python -m benchmarks.child --driver mysqlclient --out FILE [--variants loop,gap,redis ...]
     (the Django DATABASES entry for the server arrives as JSON on stdin, so no password is in argv)
 
 The driver is chosen before Django loads: PyMySQL installs itself as MySQLdb, and Django prefers
 psycopg 3 over psycopg2 unless ``psycopg`` cannot be imported.
 
 Each policy runs in its own worker thread, because Django keeps one connection per alias per
-thread: every policy keeps its own connection (with its own settings) for the whole run, as four
-workers would. The threads take turns, never run together, in slices of ``slice`` seconds (20 ms):
-a turn runs one slice of each policy, in an order rotated every turn (ABCD BCDA CDAB DABC ...), and
-a round is as many turns as give each policy ``seconds`` of work. A burst of load from another
-process lasts much longer than a turn, so it hits every policy alike; the median over rounds then
-sets aside the rounds it hit unevenly anyway. Only the slices are timed, not the hand-overs.
+thread: every policy keeps its own connection (with its own settings) for the whole run, as that
+many workers would. The threads take turns, never run together, in slices of ``slice`` seconds
+(20 ms): a turn runs one slice of each policy of a variant, in an order rotated every turn (ABCD
+BCDA CDAB DABC ...), and a round is as many turns as give each policy ``seconds`` of work. The
+variants of a process (how messages arrive: back to back, after an idle gap, from a Redis list)
+take turns by round. A burst of load from another process lasts much longer than a turn, so it
+hits every policy alike; the median over rounds then sets aside the rounds it hit unevenly anyway.
+Only the slices are timed, not the hand-overs.
+
+With ``--idle-aliases N`` the process has N more aliases in DATABASES, configured and never
+connected (the "idle_aliases" variant: freshconn's per-unit cost must not grow with them).
 """
 
 from __future__ import annotations
@@ -22,15 +27,45 @@ import gc
 import json
 import statistics
 import sys
+import time
 from typing import Any
 
-from benchmarks.worker import POLICIES, ROWS, Worker
+from benchmarks.worker import ALL_POLICIES, ROWS, Variant, Worker, is_freshconn
 
 DRIVERS = ("mysqlclient", "pymysql", "psycopg", "psycopg2")
+
+#: Every variant, with the policies it runs. "freshconn_poll_never" and "freshconn_poll_always"
+#: force freshconn's zero-timeout poll() of an idle socket off or on: the two sides of that trade-off
+#: (the "polls/1k units" column says which of them freshconn's default behaved like). CONN_MAX_AGE=0
+#: runs in the back-to-back loop only: its connect per message dwarfs any message source.
+VARIANT_POLICIES: dict[str, tuple[str, ...]] = {
+    "loop": (
+        "unsafe",
+        "unsafe_again",
+        "django_max_age_0",
+        "django_health_checks",
+        "freshconn",
+        "freshconn_poll_never",
+        "freshconn_poll_always",
+    ),
+    "gap": ("unsafe", "unsafe_again", "django_health_checks", "freshconn", "freshconn_poll_never"),
+    "redis": ("unsafe", "unsafe_again", "django_health_checks", "freshconn", "freshconn_poll_never"),
+    "idle_aliases": ("unsafe", "unsafe_again", "django_health_checks", "freshconn"),
+}
+VARIANTS = tuple(VARIANT_POLICIES)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def make_variant(name: str, gap_us: float) -> Variant:
+    return Variant(
+        name,
+        VARIANT_POLICIES[name],
+        gap=gap_us * 1e-6 if name == "gap" else 0.0,
+        redis=name == "redis",
+    )
 
 
 def select_driver(driver: str) -> None:
@@ -43,16 +78,23 @@ def select_driver(driver: str) -> None:
         sys.modules["psycopg"] = None  # type: ignore[assignment]  # Django then falls back to psycopg2
 
 
-def configure(db: dict[str, Any]) -> None:
+def idle_alias_names(n: int) -> list[str]:
+    return [f"idle_{i:02d}" for i in range(1, n + 1)]
+
+
+def configure(db: dict[str, Any], idle_aliases: int = 0) -> None:
     import django
     from django.conf import settings
 
+    databases = {"default": {**db, "CONN_MAX_AGE": None}}
+    # Configured, never connected: the same server, as a replica or a second schema would be.
+    databases.update({name: {**db, "CONN_MAX_AGE": None} for name in idle_alias_names(idle_aliases)})
     settings.configure(
         DEBUG=False,  # DEBUG=True would record every query in memory
         SECRET_KEY="benchmarks-only",
         USE_TZ=True,
         INSTALLED_APPS=["freshconn", "benchmarks"],
-        DATABASES={"default": {**db, "CONN_MAX_AGE": None}},
+        DATABASES=databases,
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
         LOGGING_CONFIG=None,
     )
@@ -124,7 +166,7 @@ def _libpq(version: int) -> str:
 
 
 def wire_freshconn_for_its_worker_only() -> None:
-    """freshconn's connection_created receiver runs for the freshconn worker's connections only.
+    """freshconn's connection_created receiver runs for the freshconn workers' connections only.
 
     Django's own policies run without freshconn: its receiver (which also reads the server's idle
     limit on every new connection) would otherwise add to their connects.
@@ -140,65 +182,189 @@ def wire_freshconn_for_its_worker_only() -> None:
         if worker is None:
             return
         worker.connects += 1
-        if worker.policy == "freshconn":
+        if is_freshconn(worker.policy):
             _state.on_connection_created(sender, connection, **kwargs)
 
     connection_created.connect(on_created, weak=False, dispatch_uid="benchmarks.on_created")
 
 
+def _one_round(
+    variant: Variant, r: int, workers: dict[str, Worker], turns: int, slice_s: float, fc_stats: dict[str, int]
+) -> dict[str, Any]:
+    keys = ("messages", "seconds", "cpu_seconds", "units", "pings", "connects", "starved")
+    policies = variant.policies
+    results: dict[str, Any] = {p: dict.fromkeys(keys, 0) for p in policies}
+    for t in range(turns):
+        k = (r + t) % len(policies)
+        for policy in (*policies[k:], *policies[:k]):
+            w = workers[policy]
+            res = w.call(w.timed_run, variant, slice_s)
+            for key in keys:
+                results[policy][key] += res[key]
+            for key, value in (res["freshconn_stats"] or {}).items():
+                fc_stats[key] = fc_stats.get(key, 0) + value
+    for res in results.values():
+        res["rate"] = res["messages"] / res["seconds"]
+    return {"turns": turns, "policies": results}
+
+
+def _mostly_polled(counted: dict[str, int] | None) -> bool:
+    return bool(counted) and counted["polls"] * 2 > counted["units"]
+
+
+def kill_trials(workers: dict[str, Worker], trials: int) -> dict[str, Any]:
+    """The safety side of the poll trade-off: a server-side KILL between two units, then the next unit.
+
+    For freshconn with its poll (the default after any pause) and with the poll switched off, the
+    next unit starts right after the KILL statement returned, or 1 ms later; a failed unit is one
+    whose query raised. Also: how long after the KILL returned the socket showed it (poll spin).
+    """
+    w = workers.get("freshconn")
+    if w is None or trials <= 0:
+        return {}
+    return dict(w.call(_kill_trials_in_worker, w, trials))
+
+
+def _kill_trials_in_worker(w: Worker, trials: int) -> dict[str, Any]:
+    import math
+
+    from django.db import connections
+
+    fc, conn, get = w.freshconn, w.conn, w.Item.objects.get
+    killer = connections.create_connection("default")  # not this thread's wrapper: freshconn leaves it alone
+    killer.ensure_connection()
+    vendor = conn.vendor
+    clock = time.perf_counter
+
+    def session_id() -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID()" if vendor == "mysql" else "SELECT pg_backend_pid()")
+            return int(cur.fetchone()[0])
+
+    def kill(sid: int) -> None:
+        with killer.cursor() as cur:
+            if vendor == "mysql":
+                cur.execute(f"KILL {sid}")
+            else:
+                cur.execute("SELECT pg_terminate_backend(%s)", [sid])
+
+    out: dict[str, Any] = {"trials": trials}
+    try:
+        for label, threshold in (("poll", None), ("no_poll", math.inf)):
+            for delay_label, delay in (("at_once", 0.0), ("after_1ms", 1e-3)):
+                failed = 0
+                fc.reset_stats()
+                for _ in range(trials):
+                    for pk in fc.each([1]):
+                        get(pk=pk)
+                        sid = session_id()
+                    kill(sid)
+                    until = clock() + delay
+                    while clock() < until:
+                        pass
+                    w._threshold(threshold)
+                    try:
+                        for pk in fc.each([2]):
+                            get(pk=pk)
+                    except Exception:
+                        failed += 1
+                    finally:
+                        w._restore()
+                stats = w._fc_stats()
+                out[f"{label}_{delay_label}"] = {
+                    "failed_units": failed,
+                    "discarded_dead": stats.get("discarded_dead", 0),
+                    "discarded_error": stats.get("discarded_error", 0),
+                    "pings": stats.get("pings", 0),
+                }
+        # How long after the KILL returned the idle socket showed it (what the poll can see).
+        delays: list[float] = []
+        for _ in range(trials):
+            for pk in fc.each([1]):
+                get(pk=pk)
+                sid = session_id()
+            state = fc._state.state_of(conn)
+            kill(sid)
+            t0 = clock()
+            while not state.poller.poll(0):
+                if clock() - t0 > 1.0:
+                    break
+            delays.append((clock() - t0) * 1e6)
+            conn.close()
+        out["visible_after_us"] = {"median": statistics.median(delays), "max": max(delays), "min": min(delays)}
+    finally:
+        killer.close()
+        fc.reset_stats()
+    return out
+
+
 def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     wire_freshconn_for_its_worker_only()
     bench.conn.close()
-    workers = {policy: Worker(policy) for policy in POLICIES}
+    variants = [make_variant(name, args.gap_us) for name in args.variants]
+    needed = [p for p in ALL_POLICIES if any(p in v.policies for v in variants)]
+    redis_url = args.redis_url if any(v.redis for v in variants) else None
+    workers = {policy: Worker(policy, redis_url) for policy in needed}
     try:
-        warmup = {policy: w.call(w.warm_up, args.warmup) for policy, w in workers.items()}
-        rounds: list[dict[str, Any]] = []
-        fc_stats: dict[str, int] = {}
+        out: dict[str, Any] = {}
+        for v in variants:
+            out[v.name] = {
+                "policies": list(v.policies),
+                "gap_us": v.gap * 1e6,
+                "warmup": {p: workers[p].call(workers[p].warm_up, v, args.warmup) for p in v.policies},
+                "rounds": [],
+                "overhead_rounds": [],
+                "freshconn_stats": {},
+            }
         report_every = max(1, args.rounds // 4)
         turns = max(1, round(args.seconds / args.slice))
-        keys = ("messages", "seconds", "cpu_seconds", "units", "pings", "connects")
         for r in range(args.rounds):
-            gc.collect()
-            results: dict[str, Any] = {p: dict.fromkeys(keys, 0) for p in POLICIES}
-            for t in range(turns):
-                k = (r + t) % len(POLICIES)
-                for policy in (*POLICIES[k:], *POLICIES[:k]):
-                    w = workers[policy]
-                    res = w.call(w.timed_run, args.slice)
-                    for key in keys:
-                        results[policy][key] += res[key]
-                    for key, value in (res["freshconn_stats"] or {}).items():
-                        fc_stats[key] = fc_stats.get(key, 0) + value
-            for policy, res in results.items():
-                res["rate"] = res["messages"] / res["seconds"]
-                # Each policy opened its connection during the warm-up: counted in the first round.
-                res["connects_incl_warmup"] = res["connects"] + (warmup[policy]["connects"] if r == 0 else 0)
-            rounds.append({"turns": turns, "policies": results})
+            k = r % len(variants)
+            for v in (*variants[k:], *variants[:k]):
+                gc.collect()
+                res = out[v.name]
+                res["rounds"].append(_one_round(v, r, workers, turns, args.slice, res["freshconn_stats"]))
             if (r + 1) % report_every == 0 or r + 1 == args.rounds:
-                done = rounds[-report_every:]
-                medians = {
-                    p: statistics.median(x["policies"][p]["rate"] / x["policies"]["unsafe"]["rate"] for x in done)
-                    for p in POLICIES[1:]
-                }
-                log(
-                    f"  {args.driver:<11} rounds {r + 2 - len(done)}-{r + 1}/{args.rounds}, median ratio: "
-                    + ", ".join(f"{p} {m:.3f}x" for p, m in medians.items())
-                )
-        # The lifecycle alone, without the query: its own interleaved rounds, after the throughput ones.
-        overhead: list[dict[str, Any]] = []
+                for v in variants:
+                    done = out[v.name]["rounds"][-report_every:]
+                    medians = {
+                        p: statistics.median(x["policies"][p]["rate"] / x["policies"]["unsafe"]["rate"] for x in done)
+                        for p in v.policies[1:]
+                    }
+                    log(
+                        f"  {args.driver:<11} {v.name:<12} rounds {r + 2 - len(done)}-{r + 1}/{args.rounds}: "
+                        + ", ".join(f"{p} {m:.3f}x" for p, m in medians.items())
+                    )
+        for res in out.values():
+            # Each policy opened its connection during its first warm-up: counted in the first round.
+            for i, rnd in enumerate(res["rounds"]):
+                for p, row in rnd["policies"].items():
+                    row["connects_incl_warmup"] = row["connects"] + (res["warmup"][p]["connects"] if i == 0 else 0)
+        # How often freshconn's socket poll really runs per variant (an untimed, instrumented run).
+        for v in variants:
+            out[v.name]["polls"] = {
+                p: workers[p].call(workers[p].count_polls, v, args.overhead_seconds)
+                for p in v.policies
+                if is_freshconn(p)
+            }
+        # The lifecycle alone and in the loop, without throughput timing: interleaved rounds of their own.
         for r in range(args.overhead_rounds):
-            k = r % len(POLICIES)
-            order = (*POLICIES[k:], *POLICIES[:k])
-            row: dict[str, Any] = {}
-            for p in order:
-                w = workers[p]
-                row[p] = {**w.call(w.in_loop, args.overhead_seconds), **w.call(w.overhead, args.overhead_seconds)}
-            for p in POLICIES:
-                # Lifecycle in the loop = the policy's time around its query minus unsafe's (the
-                # message source and the loop itself, which every policy has).
-                row[p]["in_loop_us"] = row[p]["gap_median_us"] - row["unsafe"]["gap_median_us"]
-            overhead.append(row)
-        return {"warmup": warmup, "rounds": rounds, "overhead_rounds": overhead, "freshconn_stats": fc_stats}
+            for v in variants:
+                k = r % len(v.policies)
+                row: dict[str, Any] = {}
+                for p in (*v.policies[k:], *v.policies[:k]):
+                    w = workers[p]
+                    row[p] = {
+                        **w.call(w.in_loop, v, args.overhead_seconds),
+                        **w.call(w.overhead, v, args.overhead_seconds, _mostly_polled(out[v.name]["polls"].get(p))),
+                    }
+                for p in v.policies:
+                    # Lifecycle in the loop = the policy's time around its query minus unsafe's (the
+                    # message source and the loop itself, which every policy has).
+                    row[p]["in_loop_us"] = row[p]["gap_median_us"] - row["unsafe"]["gap_median_us"]
+                out[v.name]["overhead_rounds"].append(row)
+        kills = kill_trials(workers, args.kill_trials)
+        return {"variants": out, "kill_trials": kills}
     finally:
         for w in workers.values():
             w.stop()
@@ -208,17 +374,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.child")
     parser.add_argument("--driver", required=True, choices=DRIVERS)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", default="loop", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--idle-aliases", type=int, default=0)
+    parser.add_argument("--gap-us", type=float, default=100.0)
+    parser.add_argument("--redis-url", default=None)
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--slice", type=float, default=0.02)
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--overhead-rounds", type=int, default=5)
     parser.add_argument("--overhead-seconds", type=float, default=0.2)
+    parser.add_argument("--kill-trials", type=int, default=0)
     args = parser.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANT_POLICIES]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    if "redis" in args.variants and not args.redis_url:
+        parser.error("the redis variant needs --redis-url")
 
     db = json.loads(sys.stdin.read())
     select_driver(args.driver)
-    configure(db)
+    configure(db, args.idle_aliases)
     bench = Bench(args.driver)
     bench.create_table()
     versions = bench.versions()
@@ -228,12 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         "vendor": bench.conn.vendor,
         "versions": versions,
         "config": {
+            "variants": args.variants,
+            "idle_aliases": args.idle_aliases,
+            "gap_us": args.gap_us,
             "seconds": args.seconds,
             "rounds": args.rounds,
             "slice": args.slice,
             "warmup": args.warmup,
             "overhead_rounds": args.overhead_rounds,
             "overhead_seconds": args.overhead_seconds,
+            "kill_trials": args.kill_trials,
             "rows": ROWS,
         },
         **measured,

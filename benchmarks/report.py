@@ -1,7 +1,8 @@
-"""Render the benchmark's results: a text table, a Markdown table, and a bar chart (PNG)."""
+"""Render the benchmark's results: text tables, Markdown tables, and a bar chart (PNG), one panel per variant."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,17 @@ LABELS = {
     "django_max_age_0": "Django CONN_MAX_AGE=0",
     "django_health_checks": "Django CONN_HEALTH_CHECKS",
     "freshconn": "freshconn",
+    "freshconn_poll_never": "freshconn, socket poll off",
+    "freshconn_poll_always": "freshconn, socket poll on every unit",
+}
+COLORS = {
+    "unsafe": "#9e9e9e",
+    "unsafe_again": "#cfcfcf",
+    "django_max_age_0": "#e57373",
+    "django_health_checks": "#ffb74d",
+    "freshconn": "#1e88e5",
+    "freshconn_poll_never": "#90caf9",
+    "freshconn_poll_always": "#0d47a1",
 }
 DRIVER_LABELS = {
     "mysqlclient": "MariaDB / mysqlclient",
@@ -18,6 +30,13 @@ DRIVER_LABELS = {
     "psycopg": "PostgreSQL / psycopg 3",
     "psycopg2": "PostgreSQL / psycopg2",
 }
+#: Issue 10's targets for freshconn, in one run with the A/A control.
+TARGET_RATIO = 0.98
+TARGET_LIFECYCLE_US = 3.0
+TARGET_PINGS = 0.0
+#: The chart's ratio axis starts here: the differences that matter are a few percent near 1.0.
+BOTTOM = 0.6
+
 HEADERS = (
     "driver",
     "policy",
@@ -25,18 +44,46 @@ HEADERS = (
     "ratio",
     "ratio IQR",
     "pings/1k units",
+    "polls/1k units",
     "lifecycle µs/unit in loop",
     "alone",
-    "connects/1k units",
     "client CPU µs/msg",
+    "CPU µs vs unsafe",
+    "connects/1k units",
 )
-TARGET = 0.97
 
 
-def _rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+def variant_title(results: dict[str, Any], variant: str) -> str:
+    cfg = results["config"]
+    between = _between(results, variant)
+    return {
+        "loop": "back to back: the next message at once",
+        "gap": f"an idle gap (busy-wait) of {cfg['gap_us']:g} µs before each message",
+        "redis": "each message popped from a Redis list (BLPOP), one round trip per message",
+        "idle_aliases": f"back to back, with {cfg['idle_aliases']} more aliases in DATABASES, never connected",
+    }[variant] + (f"; time between queries (unsafe, median): {between}" if between else "")
+
+
+def _between(results: dict[str, Any], variant: str) -> str:
+    values = [
+        by_policy["unsafe"]["between_queries_us"]
+        for by_policy in results["summary"][variant].values()
+        if by_policy["unsafe"].get("between_queries_us") is not None
+    ]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    return f"{lo:.0f} µs" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f} µs"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _variant_rows(results: dict[str, Any], variant: str) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
-    for driver, by_policy in results["summary"].items():
-        for policy in results["policies"]:
+    for driver, by_policy in results["summary"][variant].items():
+        for policy in results["config"]["policies"][variant]:
             s = by_policy[policy]
             rows.append(
                 (
@@ -46,41 +93,271 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                     f"{s['ratio']:.3f}x",
                     f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f}",
                     f"{s['pings_per_1000']:.0f}",
-                    f"{s['in_loop_us']:.1f}",
-                    f"{s['overhead_us']:.1f}",
-                    f"{s['connects_per_1000']:.0f}",
+                    _num(s["polls_per_1000"], ".0f"),
+                    _num(s["in_loop_us"], ".1f"),
+                    _num(s["overhead_us"], ".1f"),
                     f"{s['cpu_us_per_message']:.0f}",
+                    f"{s['cpu_overhead_us']:+.1f}",
+                    f"{s['connects_per_1000']:.0f}",
                 )
             )
     return rows
 
 
-def render_table(results: dict[str, Any]) -> str:
-    rows = [HEADERS, *_rows(results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
+def target_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """freshconn against issue 10's targets, per variant and driver, beside the A/A control of the same run."""
+    rows: list[tuple[str, ...]] = []
+    for variant, by_driver in results["summary"].items():
+        for driver, by_policy in by_driver.items():
+            fc, aa = by_policy["freshconn"], by_policy["unsafe_again"]
+            ok_ratio = fc["ratio"] >= TARGET_RATIO
+            ok_life = fc["in_loop_us"] is not None and fc["in_loop_us"] <= TARGET_LIFECYCLE_US
+            ok_pings = fc["pings_per_1000"] <= TARGET_PINGS
+            missed = [name for name, ok in (("ratio", ok_ratio), ("lifecycle", ok_life), ("pings", ok_pings)) if not ok]
+            rows.append(
+                (
+                    variant,
+                    driver,
+                    f"{fc['ratio']:.3f}x",
+                    f"{fc['ratio_q1']:.3f}-{fc['ratio_q3']:.3f}",
+                    f"{aa['ratio']:.3f}x",
+                    _num(fc["in_loop_us"], ".1f"),
+                    f"{fc['cpu_overhead_us']:+.1f}",
+                    f"{fc['pings_per_1000']:.0f}",
+                    "yes" if not missed else "no: " + ", ".join(missed),
+                )
+            )
+    return rows
+
+
+TARGET_HEADERS = (
+    "variant",
+    "driver",
+    f"freshconn ratio (>= {TARGET_RATIO})",
+    "its IQR",
+    "A/A ratio",
+    f"lifecycle µs in loop (<= {TARGET_LIFECYCLE_US:g})",
+    "CPU µs vs unsafe",
+    "pings/1k (0)",
+    "met",
+)
+
+
+def instr_headers(results: dict[str, Any]) -> tuple[str, ...]:
+    n = results["config"]["idle_aliases"]
+    return (
+        "driver",
+        "unsafe",
+        "A/A",
+        "freshconn, busy",
+        "with poll",
+        "statement hook",
+        "lifecycle alone",
+        "alone + poll",
+        "Redis: freshconn",
+        "health checks",
+        f"{n} idle aliases: freshconn",
+        "alone",
+        "health checks",
+    )
+
+
+def instruction_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Instructions per message (unsafe), and what each policy adds to it (callgrind, client only)."""
+    rows: list[tuple[str, ...]] = []
+    for driver, runs in results.get("instructions", {}).items():
+        d = runs["default"]["per_unit"]
+        a = runs.get("idle_aliases", {}).get("per_unit", {})
+        base = d["unsafe"]
+
+        def delta(values: dict[str, float], case: str, ref: str | None = "unsafe", pct: bool = True) -> str:
+            if case not in values:
+                return "-"
+            v = values[case] - (values[ref] if ref else 0.0)
+            return f"{v:+,.0f}" + (f" ({100 * v / values[ref or 'unsafe']:+.1f}%)" if pct and ref else "")
+
+        rows.append(
+            (
+                driver,
+                f"{base:,.0f}",
+                delta(d, "unsafe_again"),
+                delta(d, "freshconn_busy"),
+                delta(d, "freshconn_poll"),
+                delta(d, "freshconn_hook_only", pct=False),
+                f"{d['freshconn_alone_busy']:,.0f}",
+                f"{d['freshconn_alone_poll']:,.0f}",
+                delta(d, "redis_freshconn", "redis_unsafe") if "redis_unsafe" in d else "-",
+                delta(d, "django_health_checks"),
+                delta(a, "freshconn_busy") if a else "-",
+                f"{a['freshconn_alone_busy']:,.0f}" if a else "-",
+                delta(a, "django_health_checks") if a else "-",
+            )
+        )
+    return rows
+
+
+CACHE_HEADERS = (
+    "case",
+    "est. cycles",
+    "vs unsafe",
+    "instructions vs unsafe",
+    "L1 instruction misses",
+    "L1 data read misses",
+    "L1 data write misses",
+)
+
+
+def cache_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    cache = results.get("cache") or {}
+    cycles, events = cache.get("cycles_per_unit"), cache.get("events_per_unit")
+    if not cycles:
+        return []
+    base, base_ev = cycles["unsafe"], events["unsafe"]
+    rows = []
+    for case, value in cycles.items():
+        ev = events[case]
+        d = value - base
+        rows.append(
+            (
+                case,
+                f"{value:,.0f}",
+                "-" if case == "unsafe" else f"{d:+,.0f} ({100 * d / base:+.1f}%)",
+                "-" if case == "unsafe" else f"{ev['Ir'] - base_ev['Ir']:+,.0f}",
+                *(
+                    f"{ev.get(k, 0):,.0f}" if case == "unsafe" else f"{ev.get(k, 0) - base_ev.get(k, 0):+,.0f}"
+                    for k in ("I1mr", "D1mr", "D1mw")
+                ),
+            )
+        )
+    return rows
+
+
+def breakdown_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    from benchmarks.breakdown import DESCRIPTIONS
+
+    per = results.get("breakdown", {}).get("per_unit")
+    if not per:
+        return []
+    base = per["empty_loop"]
+    rows = []
+    for case, what in DESCRIPTIONS.items():
+        if case not in per:
+            continue
+        value = per[case] if case.startswith("queries") or case == "empty_loop" else per[case] - base
+        rows.append((case, f"{value:,.0f}", what))
+    return rows
+
+
+KILL_HEADERS = (
+    "driver",
+    "failed units: poll, next unit at once",
+    "poll, 1 ms later",
+    "no poll, at once",
+    "no poll, 1 ms later",
+    "KILL visible on the socket after (median, max µs)",
+)
+
+
+def kill_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for driver, k in results.get("kill_trials", {}).items():
+        if not k:
+            continue
+        n = k["trials"]
+        cells = [f"{k[c]['failed_units']}/{n}" for c in ("poll_at_once", "poll_after_1ms", "no_poll_at_once")]
+        cells.append(f"{k['no_poll_after_1ms']['failed_units']}/{n}")
+        vis = k["visible_after_us"]
+        rows.append((driver, *cells, f"{vis['median']:.0f}, {vis['max']:.0f}"))
+    return rows
+
+
+def _text_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
+    table = [headers, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     lines = []
-    for n, row in enumerate(rows):
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells))
+    for n, row in enumerate(table):
+        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    m = results["machine"]
-    lines.append(
-        f"\nmedians of {_rounds(results)} interleaved rounds; ratio = median of per-round rate / unsafe rate, "
-        "IQR = its interquartile range; "
-        f"{m['cpu_count']} CPUs, load {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"
+    return lines
+
+
+def _md_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * left + "---:|" * (len(headers) - left)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _footer(results: dict[str, Any]) -> str:
+    m, cfg = results["machine"], results["config"]
+    loads = []
+    for runs in results["drivers"].values():
+        for run in runs.values():
+            loads.append(f"{run['loadavg_before'][0]:.2f}")
+            loads.append(f"{run['loadavg_after'][0]:.2f}")
+    return (
+        f"medians of {cfg['rounds']} interleaved rounds of {cfg['seconds']:g} s per policy; ratio = median of "
+        "per-round rate / unsafe rate, IQR = its interquartile range; "
+        f"{m['cpu_count']} CPUs, load average {m['loadavg_start'][0]:.2f} at the start, "
+        f"{m['loadavg_end'][0]:.2f} at the end (per driver process: {', '.join(loads)})"
     )
-    return "\n".join(lines)
 
 
-def _rounds(results: dict[str, Any]) -> int:
-    return int(next(iter(results["drivers"].values()))["config"]["rounds"]) if results["drivers"] else 0
+def _render(results: dict[str, Any], table: Callable[..., list[str]], heading: Callable[[str], str]) -> str:
+    out: list[str] = []
+    for variant in results["summary"]:
+        out += [heading(f"{variant}: {variant_title(results, variant)}"), ""]
+        out += table(HEADERS, _variant_rows(results, variant), 2)
+        out.append("")
+    out += [heading("freshconn against the targets (issue 10)"), ""]
+    out += table(TARGET_HEADERS, target_rows(results), 2)
+    out.append("")
+    instr = instruction_rows(results)
+    if instr:
+        out += [
+            heading("instructions per message (callgrind, client process only): unsafe's, and what each policy adds"),
+            "",
+        ]
+        out += table(instr_headers(results), instr, 1)
+        out.append("")
+    cache = cache_rows(results)
+    if cache:
+        out += [
+            heading(
+                f"estimated cycles per message (callgrind cache simulation, {results['cache']['driver']}): "
+                "instructions + 10 x first-level misses + 100 x last-level misses, and the misses freshconn adds"
+            ),
+            "",
+        ]
+        out += table(CACHE_HEADERS, cache, 1)
+        out.append("")
+    pieces = breakdown_rows(results)
+    if pieces:
+        out += [
+            heading(
+                f"where a busy unit's instructions go (callgrind, {results['breakdown']['driver']}; "
+                "per operation, an empty loop turn subtracted)"
+            ),
+            "",
+        ]
+        out += table(("case", "instructions", "what"), pieces, 1)
+        out.append("")
+    kills = kill_rows(results)
+    if kills:
+        out += [heading("a KILL between two units: did the next unit fail? (freshconn, with and without its poll)"), ""]
+        out += table(KILL_HEADERS, kills, 1)
+        out.append("")
+    out.append(_footer(results) + (" -- QUICK smoke run, not a measurement" if results["quick"] else ""))
+    return "\n".join(out)
+
+
+def render_table(results: dict[str, Any]) -> str:
+    return _render(results, _text_table, lambda title: f"== {title}")
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * 2 + "---:|" * (len(HEADERS) - 2)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
-    return "\n".join(lines) + "\n"
+    return _render(results, _md_table, lambda title: f"**{title}**") + "\n"
 
 
 def render_chart(results: dict[str, Any], path: Path) -> None:
@@ -89,60 +366,92 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drivers = list(results["summary"])
-    policies = results["policies"]
-    colors = {
-        "unsafe": "#9e9e9e",
-        "unsafe_again": "#cfcfcf",
-        "django_max_age_0": "#e57373",
-        "django_health_checks": "#ffb74d",
-        "freshconn": "#1e88e5",
-    }
-    width = 0.8 / len(policies)
-    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=110)
-    top = 1.0
-    for i, policy in enumerate(policies):
-        xs = [d + (i - (len(policies) - 1) / 2) * width for d in range(len(drivers))]
-        rows = [results["summary"][drv][policy] for drv in drivers]
-        ys = [row["ratio"] for row in rows]
-        # Whiskers: the interquartile range of the per-round ratios (how much the machine's noise moved them).
-        err = [[y - row["ratio_q1"] for y, row in zip(ys, rows, strict=True)]]
-        err.append([row["ratio_q3"] - y for y, row in zip(ys, rows, strict=True)])
-        top = max(top, *(row["ratio_q3"] for row in rows))
-        bars = ax.bar(
-            xs,
-            ys,
-            width * 0.92,
-            label=LABELS[policy],
-            color=colors[policy],
-            yerr=err if policy != "unsafe" else None,
-            error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#616161"},
-        )
-        for bar, y, row in zip(bars, ys, rows, strict=True):
-            ax.annotate(
-                f"{y:.2f}" if y >= 0.1 else f"{y:.3f}",
-                (bar.get_x() + bar.get_width() / 2, max(y, row["ratio_q3"])),  # above the whisker
-                xytext=(0, 2),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=8,
+    variants = list(results["summary"])
+    cols = 2 if len(variants) > 1 else 1
+    nrows = (len(variants) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(7.2 * cols, 4.3 * nrows + 0.6), dpi=110, squeeze=False)
+    for ax in axes.flat[len(variants) :]:
+        ax.set_visible(False)
+    handles: dict[str, Any] = {}
+    for ax, variant in zip(axes.flat, variants, strict=False):
+        by_driver = results["summary"][variant]
+        drivers = list(by_driver)
+        policies = results["config"]["policies"][variant]
+        width = 0.84 / len(policies)
+        top = 1.0
+        for i, policy in enumerate(policies):
+            xs = [d + (i - (len(policies) - 1) / 2) * width for d in range(len(drivers))]
+            rows = [by_driver[drv][policy] for drv in drivers]
+            ys = [row["ratio"] for row in rows]
+            # Whiskers: the interquartile range of the per-round ratios (how much the machine's noise moved them).
+            err = [[y - row["ratio_q1"] for y, row in zip(ys, rows, strict=True)]]
+            err.append([row["ratio_q3"] - y for y, row in zip(ys, rows, strict=True)])
+            top = max(top, *(row["ratio_q3"] for row in rows))
+            bars = ax.bar(
+                xs,
+                ys,
+                width * 0.92,
+                label=LABELS[policy],
+                color=COLORS[policy],
+                yerr=err if policy != "unsafe" else None,
+                error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": "#616161"},
             )
-    ax.axhline(1.0, color="#424242", linewidth=0.8)
-    ax.axhline(TARGET, color="#1e88e5", linewidth=0.8, linestyle="--", label=f"target {TARGET}x")
-    ax.set_xticks(range(len(drivers)), [DRIVER_LABELS.get(d, d) for d in drivers])
-    ax.set_ylabel("throughput / unsafe baseline (higher is better)")
-    ax.set_ylim(0, min(max(1.15, top + 0.05), 2.0))
+            handles.setdefault(policy, bars)
+            for bar, y, row in zip(bars, ys, rows, strict=True):
+                x = bar.get_x() + bar.get_width() / 2
+                if y < BOTTOM:  # below the zoomed axis (a new connection per message): its value at the bottom
+                    ax.annotate(
+                        f"{y:.2f}\u2193",
+                        (x, BOTTOM),
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                        rotation=90,
+                    )
+                elif policy.startswith("freshconn") or policy == "django_health_checks":
+                    ax.annotate(
+                        f"{y:.3f}" if policy.startswith("freshconn") else f"{y:.2f}",
+                        (x, max(y, row["ratio_q3"])),  # above the whisker
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                        rotation=90,
+                    )
+        ax.axhline(1.0, color="#424242", linewidth=0.8)
+        target = ax.axhline(TARGET_RATIO, color="#1e88e5", linewidth=0.8, linestyle="--")
+        handles.setdefault("target", target)
+        ax.set_xticks(range(len(drivers)), [DRIVER_LABELS.get(d, d).replace(" / ", "\n") for d in drivers], fontsize=8)
+        ax.set_ylabel(f"throughput / unsafe baseline (axis from {BOTTOM})", fontsize=8)
+        ax.set_ylim(BOTTOM, min(max(1.12, top + 0.06), 2.0))
+        ax.set_title(_wrap(f"{variant}: {variant_title(results, variant)}", 80), fontsize=8.5)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(axis="y", labelsize=8)
     m = results["machine"]
-    ax.set_title(
-        "One primary-key SELECT per message through the Django ORM\n"
-        f"median of {_rounds(results)} interleaved rounds (whiskers: interquartile range), "
+    fig.suptitle(
+        "One primary-key SELECT per message through the Django ORM: throughput relative to the unsafe baseline\n"
+        f"median of {results['config']['rounds']} interleaved rounds (whiskers: interquartile range), "
         f"{m['cpu_count']} CPUs, load {m['loadavg_start'][0]:.1f}-{m['loadavg_end'][0]:.1f}, {results['date'][:10]}"
         + (" (QUICK smoke run, not a measurement)" if results["quick"] else ""),
         fontsize=10,
     )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=5, fontsize=8, frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
+    labels = [LABELS.get(k, f"target {TARGET_RATIO}x") for k in handles]
+    fig.legend(list(handles.values()), labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The four policies, each as a worker thread with its own Django connection, and their measurements.
+"""The policies, each as a worker thread with its own Django connection, the message sources, the measurements.
 
 Importing this module does not import Django: the child process picks its driver first.
 """
@@ -8,15 +8,26 @@ from __future__ import annotations
 import math
 import queue
 import statistics
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 #: "unsafe_again" is the same loop as "unsafe" on a second connection: an A/A control. Its ratio
 #: shows how far two identical policies drift apart in this setup (for PostgreSQL, each
 #: connection is its own server process, which the kernel may place and cache differently).
-POLICIES = ("unsafe", "unsafe_again", "django_max_age_0", "django_health_checks", "freshconn")
+#: The two "freshconn_poll_*" policies are freshconn with its zero-timeout poll() of an idle
+#: socket forced on every unit, or never: the two sides of that trade-off, measured in the same run.
+ALL_POLICIES = (
+    "unsafe",
+    "unsafe_again",
+    "django_max_age_0",
+    "django_health_checks",
+    "freshconn",
+    "freshconn_poll_always",
+    "freshconn_poll_never",
+)
 
 #: Django settings per policy; everything else about the alias stays the same.
 POLICY_SETTINGS: dict[str, dict[str, Any]] = {
@@ -25,27 +36,118 @@ POLICY_SETTINGS: dict[str, dict[str, Any]] = {
     "django_max_age_0": {"CONN_MAX_AGE": 0, "CONN_HEALTH_CHECKS": False},
     "django_health_checks": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": True},
     "freshconn": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
+    "freshconn_poll_always": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
+    "freshconn_poll_never": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
 }
+
+#: freshconn skips the poll() for a connection used less than ``_policy.SOCKET_CHECK_AFTER`` seconds
+#: ago; these policies override that threshold for their own turns only (the threads never run together).
+POLL_THRESHOLD = {"freshconn_poll_always": 0.0, "freshconn_poll_never": math.inf}
 
 ROWS = 1000
 
 
-class Messages:
-    """A message source that yields primary keys until ``seconds`` have passed, and counts them."""
+def is_freshconn(policy: str) -> bool:
+    return policy.startswith("freshconn")
 
-    def __init__(self, pks: list[int], seconds: float) -> None:
+
+def is_unsafe(policy: str) -> bool:
+    return policy.startswith("unsafe")
+
+
+class Messages:
+    """A message source that yields primary keys until ``seconds`` have passed, and counts them.
+
+    At least ``at_least`` messages, however long they take: a slice of a slow policy (a connect
+    per message) on a loaded machine still measures something.
+    """
+
+    def __init__(self, pks: list[int], seconds: float, at_least: int = 1) -> None:
         self.pks = pks
         self.seconds = seconds
+        self.at_least = at_least
         self.count = 0
 
     def __iter__(self) -> Iterator[int]:
-        pks, n, clock = self.pks, len(self.pks), time.perf_counter
+        pks, n, clock, at_least = self.pks, len(self.pks), time.perf_counter, self.at_least
         end = clock() + self.seconds
         i = 0
-        while clock() < end:
+        while i < at_least or clock() < end:
             yield pks[i % n]
             i += 1
         self.count = i
+
+
+class GapMessages(Messages):
+    """As ``Messages``, with an idle gap of ``gap`` seconds (a busy-wait) before every message but the first.
+
+    The wait happens while the next message is fetched, outside any unit of work, as a consumer
+    waits in its queue's poll: freshconn sees the connection idle for the gap. A busy-wait, not a
+    sleep: a sleep's wake-up on a loaded machine lasts anything from the gap to milliseconds.
+    """
+
+    def __init__(self, pks: list[int], seconds: float, gap: float, at_least: int = 1) -> None:
+        super().__init__(pks, seconds, at_least)
+        self.gap = gap
+
+    def __iter__(self) -> Iterator[int]:
+        pks, n, clock, gap, at_least = self.pks, len(self.pks), time.perf_counter, self.gap, self.at_least
+        end = clock() + self.seconds
+        i = 0
+        while True:
+            now = clock()
+            if i:
+                until = now + gap
+                while now < until:
+                    now = clock()
+            if now >= end and i >= at_least:
+                break
+            yield pks[i % n]
+            i += 1
+        self.count = i
+
+
+class RedisMessages(Messages):
+    """Primary keys popped one by one with BLPOP from a Redis list, until ``seconds`` have passed.
+
+    The list is filled before the timed slice (``prefill``) with more messages than the slice can
+    take, so BLPOP never blocks for long: each message costs one real round trip to Redis, the
+    gap a real consumer has between units. ``starved`` counts the times the list ran dry anyway.
+    """
+
+    def __init__(self, client: Any, key: str, seconds: float, at_least: int = 1) -> None:
+        super().__init__([], seconds, at_least)
+        self.client = client
+        self.key = key
+        self.starved = 0
+
+    def prefill(self, pks: list[int], count: int) -> None:
+        n = len(pks)
+        self.client.delete(self.key)
+        self.client.rpush(self.key, *(pks[i % n] for i in range(count)))
+
+    def __iter__(self) -> Iterator[int]:
+        clock, blpop, key, at_least = time.perf_counter, self.client.blpop, self.key, self.at_least
+        end = clock() + self.seconds
+        i = 0
+        while i < at_least or clock() < end:
+            item = blpop(key, timeout=1)
+            if item is None:
+                self.starved += 1
+                continue
+            yield int(item[1])
+            i += 1
+        self.count = i
+
+
+class Variant:
+    """How messages arrive: back to back, after a fixed idle gap, or from a Redis list."""
+
+    def __init__(self, name: str, policies: tuple[str, ...], gap: float = 0.0, redis: bool = False) -> None:
+        self.name = name
+        self.policies = policies
+        self.gap = gap
+        self.redis = redis
 
 
 def best_per_iteration(body: Callable[[int], None], batch: int, seconds: float) -> float:
@@ -65,17 +167,32 @@ def best_per_iteration(body: Callable[[int], None], batch: int, seconds: float) 
             return best
 
 
+class CountingPoller:
+    """Stands in for a ConnState's ``select.poll`` object to count freshconn's polls (untimed runs only)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    def poll(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.real.poll(*args)
+
+
 class Worker(threading.Thread):
     """One policy: its own thread, hence its own Django connection; runs what the main thread sends."""
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, redis_url: str | None = None) -> None:
         super().__init__(name=f"bench-{policy}", daemon=True)
         self.policy = policy
+        self.redis_url = redis_url
         self.inbox: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self.outbox: queue.Queue[tuple[bool, Any]] = queue.Queue()
         self.connects = 0
         self.is_usable_calls = 0
         self.inside_query = 0.0
+        #: Messages per second in this worker's last Redis slice: sizes the next prefill.
+        self.redis_rate = 10000.0
         self.start()
         self.call(self._setup)
 
@@ -107,6 +224,7 @@ class Worker(threading.Thread):
 
         import freshconn
         from benchmarks.models import Item
+        from freshconn import _policy
 
         conn = connections["default"]  # this thread's own wrapper
         # A private copy: the settings dict is shared by every thread's wrapper of the alias.
@@ -137,31 +255,40 @@ class Worker(threading.Thread):
         conn.connect = timed_connect  # type: ignore[method-assign]
         self.conn = conn
         self.freshconn = freshconn
+        self.policy_module = _policy
+        self.default_poll_threshold = _policy.SOCKET_CHECK_AFTER
+        self.default_idle_threshold = getattr(_policy, "SOCKET_CHECK_IDLE", None)
         self.Item = Item
         self.pks = list(range(1, ROWS + 1))
+        self.redis = None
+        if self.redis_url:
+            import redis
+
+            self.redis = redis.Redis.from_url(self.redis_url)
+            self.redis.ping()
         get = Item.objects.get
         each = freshconn.each
 
-        def unsafe(msgs: Messages) -> None:
+        def unsafe(msgs: Iterable[int]) -> None:
             for pk in msgs:
                 get(pk=pk)
 
-        def django_policy(msgs: Messages) -> None:
+        def django_policy(msgs: Iterable[int]) -> None:
             for pk in msgs:
                 close_old_connections()
                 get(pk=pk)
                 close_old_connections()
 
-        def fresh(msgs: Messages) -> None:
+        def fresh(msgs: Iterable[int]) -> None:
             for pk in each(msgs):
                 get(pk=pk)
 
-        self.loop = {"unsafe": unsafe, "unsafe_again": unsafe, "freshconn": fresh}.get(self.policy, django_policy)
+        self.loop = fresh if is_freshconn(self.policy) else unsafe if is_unsafe(self.policy) else django_policy
 
         # The same loops, timing what happens between one message's query and the next one's
         # (plus, for Django, the ping or connect it runs inside the query): the lifecycle as it
         # runs in a real loop, where caches are cold after the ORM and the driver ran.
-        def unsafe_timed(msgs: Messages, samples: list[float], queries: list[float]) -> None:
+        def unsafe_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
             last = 0.0
             for pk in msgs:
                 t = clock()
@@ -170,7 +297,7 @@ class Worker(threading.Thread):
                 last = clock()
                 queries.append(last - t)
 
-        def django_timed(msgs: Messages, samples: list[float], queries: list[float]) -> None:
+        def django_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
             last = 0.0
             for pk in msgs:
                 close_old_connections()
@@ -183,7 +310,7 @@ class Worker(threading.Thread):
                 last = done
                 close_old_connections()
 
-        def fresh_timed(msgs: Messages, samples: list[float], queries: list[float]) -> None:
+        def fresh_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
             last = 0.0
             for pk in each(msgs):
                 t = clock()
@@ -192,12 +319,15 @@ class Worker(threading.Thread):
                 last = clock()
                 queries.append(last - t)
 
-        self.timed_loop = {"unsafe": unsafe_timed, "unsafe_again": unsafe_timed, "freshconn": fresh_timed}.get(
-            self.policy, django_timed
+        self.timed_loop = (
+            fresh_timed if is_freshconn(self.policy) else unsafe_timed if is_unsafe(self.policy) else django_timed
         )
 
     def _close(self) -> None:
         self.conn.close()
+        if self.redis is not None:
+            self.redis.delete(self._redis_key())
+            self.redis.close()
 
     def _reset(self) -> None:
         self.connects = 0
@@ -207,24 +337,71 @@ class Worker(threading.Thread):
     def _fc_stats(self) -> dict[str, int]:
         return dict(self.freshconn.stats().get("default", {}))
 
-    def warm_up(self, seconds: float) -> dict[str, int]:
-        self._reset()
-        msgs = Messages(self.pks, seconds)
-        self.loop(msgs)
-        return {"messages": msgs.count, "connects": self.connects, "pings": self._pings()}
-
     def _pings(self) -> int:
-        fc = self._fc_stats().get("pings", 0) if self.policy == "freshconn" else 0
+        fc = self._fc_stats().get("pings", 0) if is_freshconn(self.policy) else 0
         return fc + self.is_usable_calls
 
-    def timed_run(self, seconds: float) -> dict[str, Any]:
+    def _redis_key(self) -> str:
+        return f"freshconn-bench:{self.policy}"
+
+    def _threshold(self, forced: float | None = None) -> None:
+        """Apply this policy's poll threshold (or ``forced``: 0 polls every unit, inf never) for the next turn.
+
+        freshconn skips its poll between back-to-back units (``_policy.SOCKET_CHECK_AFTER``, and in
+        cores that have it, ``SOCKET_CHECK_IDLE``); 0 makes no unit back to back, inf every unit.
+        """
+        value = forced if forced is not None else POLL_THRESHOLD.get(self.policy)
+        if value is None:  # freshconn's own choice
+            self._restore()
+            return
+        module = self.policy_module
+        module.SOCKET_CHECK_AFTER = value
+        if value == math.inf and self.default_idle_threshold is not None:
+            module.SOCKET_CHECK_IDLE = value
+
+    def _restore(self) -> None:
+        """freshconn's own poll thresholds again."""
+        self.policy_module.SOCKET_CHECK_AFTER = self.default_poll_threshold
+        if self.default_idle_threshold is not None:
+            self.policy_module.SOCKET_CHECK_IDLE = self.default_idle_threshold
+
+    def source(self, variant: Variant, seconds: float, at_least: int = 1) -> Messages:
+        """The messages of one slice of ``variant`` (a Redis list is filled here, before any timing)."""
+        if variant.redis:
+            msgs = RedisMessages(self.redis, self._redis_key(), seconds, at_least)
+            msgs.prefill(self.pks, int(3 * self.redis_rate * seconds) + 100 + at_least)
+            return msgs
+        if variant.gap:
+            return GapMessages(self.pks, seconds, variant.gap, at_least)
+        return Messages(self.pks, seconds, at_least)
+
+    def _after(self, msgs: Messages, seconds: float) -> int:
+        """Restore the default poll threshold; for Redis, learn the rate and drop the leftovers."""
+        self._restore()
+        if isinstance(msgs, RedisMessages):
+            self.redis_rate = max(100.0, msgs.count / seconds)
+            self.redis.delete(msgs.key)  # type: ignore[union-attr]
+            return msgs.starved
+        return 0
+
+    def warm_up(self, variant: Variant, seconds: float) -> dict[str, int]:
         self._reset()
-        msgs = Messages(self.pks, seconds)
+        msgs = self.source(variant, seconds)
+        self._threshold()
+        self.loop(msgs)
+        self._after(msgs, seconds)
+        return {"messages": msgs.count, "connects": self.connects, "pings": self._pings()}
+
+    def timed_run(self, variant: Variant, seconds: float) -> dict[str, Any]:
+        self._reset()
+        msgs = self.source(variant, seconds)
+        self._threshold()
         c0 = time.thread_time()
         t0 = time.perf_counter()
         self.loop(msgs)
         elapsed = time.perf_counter() - t0
         cpu = time.thread_time() - c0
+        starved = self._after(msgs, elapsed)
         fc = self._fc_stats()
         return {
             "messages": msgs.count,
@@ -233,13 +410,14 @@ class Worker(threading.Thread):
             # process holds, so it shows the lifecycle's own cost even on a busy machine.
             "cpu_seconds": cpu,
             # A unit is one message's lifecycle: freshconn counts its own; Django's run one per message.
-            "units": fc.get("units", 0) if self.policy == "freshconn" else msgs.count,
+            "units": fc.get("units", 0) if is_freshconn(self.policy) else msgs.count,
             "pings": self._pings(),
             "connects": self.connects,
-            "freshconn_stats": fc if self.policy == "freshconn" else None,
+            "starved": starved,
+            "freshconn_stats": fc if is_freshconn(self.policy) else None,
         }
 
-    def in_loop(self, seconds: float) -> dict[str, Any]:
+    def in_loop(self, variant: Variant, seconds: float) -> dict[str, Any]:
         """Per message: the time from the end of one query to the start of the next, in the real loop.
 
         Plus, for Django's policies, the ping or connect that Django runs inside the query. The
@@ -249,7 +427,10 @@ class Worker(threading.Thread):
         samples: list[float] = []
         queries: list[float] = []
         self._reset()
-        self.timed_loop(Messages(self.pks, seconds), samples, queries)
+        msgs = self.source(variant, seconds, at_least=5)
+        self._threshold()
+        self.timed_loop(msgs, samples, queries)
+        self._after(msgs, seconds)
         samples = samples[1:]
         return {
             "gap_median_us": statistics.median(samples) * 1e6,
@@ -259,17 +440,38 @@ class Worker(threading.Thread):
             "query_median_us": statistics.median(queries) * 1e6,
         }
 
-    def overhead(self, seconds: float) -> dict[str, Any]:
+    def count_polls(self, variant: Variant, seconds: float) -> dict[str, int]:
+        """An untimed run of freshconn's loop with its socket poll counted: how often the poll really runs."""
+        if not is_freshconn(self.policy):
+            return {}
+        self.conn.ensure_connection()
+        state = self.freshconn._state.state_of(self.conn)
+        real = state.poller
+        counter = CountingPoller(real)
+        state.poller = counter
+        self._reset()
+        msgs = self.source(variant, seconds)
+        self._threshold()
+        try:
+            self.loop(msgs)
+        finally:
+            self._after(msgs, seconds)
+            state.poller = real
+        fc = self._fc_stats()
+        return {"units": fc.get("units", 0), "polls": counter.calls, "pings": fc.get("pings", 0)}
+
+    def overhead(self, variant: Variant, seconds: float, polled: bool = False) -> dict[str, Any]:
         """Per-unit cost of the policy's lifecycle with no query, on this worker's connection.
 
         unsafe: nothing, by definition. freshconn: ``each()`` over an open connection used a moment
-        ago (the busy path), and the ``with unit_of_work():`` form. Django policies:
+        ago (the busy path), and the ``with unit_of_work():`` form; in the variants with a pause
+        between messages, with the poll of the socket that such a pause brings. Django policies:
         ``close_old_connections()`` before and after, plus what it makes the next query do first:
         the health-check ping at the first cursor, or the reconnect under CONN_MAX_AGE=0.
         """
         from django.db import close_old_connections
 
-        if self.policy in ("unsafe", "unsafe_again") or seconds <= 0:
+        if is_unsafe(self.policy) or seconds <= 0:
             return {"overhead_us": 0.0}
         conn, fc = self.conn, self.freshconn
 
@@ -280,7 +482,7 @@ class Worker(threading.Thread):
         base = best_per_iteration(empty, 1000, 0.02)
         out: dict[str, Any] = {}
         self._reset()
-        if self.policy == "freshconn":
+        if is_freshconn(self.policy):
             conn.ensure_connection()
 
             def each_form(batch: int) -> None:
@@ -292,8 +494,16 @@ class Worker(threading.Thread):
                     with fc.unit_of_work():
                         pass
 
-            out["overhead_us"] = (best_per_iteration(each_form, 200, seconds / 2) - base) * 1e6
-            out["overhead_with_unit_of_work_us"] = (best_per_iteration(with_form, 200, seconds / 2) - base) * 1e6
+            # No query here, so nothing would make these units look back to back or not as in the
+            # real loop: the poll runs or not as it did there (``polled``: most units of the
+            # variant's real loop polled, counted by count_polls()).
+            forced = POLL_THRESHOLD.get(self.policy, 0.0 if polled else math.inf)
+            self._threshold(forced)
+            try:
+                out["overhead_us"] = (best_per_iteration(each_form, 200, seconds / 2) - base) * 1e6
+                out["overhead_with_unit_of_work_us"] = (best_per_iteration(with_form, 200, seconds / 2) - base) * 1e6
+            finally:
+                self._restore()
             stats = self._fc_stats()
             out.update(overhead_units=stats.get("units", 0), overhead_pings=stats.get("pings", 0))
             out["overhead_connects"] = stats.get("connects", 0)
@@ -325,3 +535,56 @@ class Worker(threading.Thread):
             out["overhead_us"] = (best_per_iteration(reconnect, 1, seconds) - base) * 1e6
             out["overhead_connects"] = self.connects
         return out
+
+    # ----- instruction counts (benchmarks.instructions, under callgrind) -----------------------
+    def counted(self, kind: str, units: int, threshold: float | None = None) -> dict[str, Any]:
+        """Run ``units`` messages of this policy's loop inside ``sys.call_tracing``: callgrind's marker.
+
+        benchmarks.instructions runs the process with ``--toggle-collect=sys_call_tracing
+        --dump-after=sys_call_tracing``: only what runs inside the call is counted, one dump per
+        call. The loop reads a plain list (no clock), so every run executes the same code.
+        """
+        import gc
+
+        fc, conn = self.freshconn, self.conn
+        msgs = [self.pks[i % len(self.pks)] for i in range(units)]
+        if kind == "loop":
+
+            def body() -> None:
+                self.loop(msgs)
+
+        elif kind == "alone":
+
+            def body() -> None:
+                for _ in fc.each(range(units)):
+                    pass
+
+        elif kind == "queries_no_unit":  # the statement hook alone: freshconn's connection, no unit
+
+            def body() -> None:
+                for pk in msgs:
+                    self.Item.objects.get(pk=pk)
+
+        elif kind == "redis":
+            source = RedisMessages(self.redis, self._redis_key(), math.inf)
+            source.prefill(self.pks, units)
+            it = iter(source)
+            stream = [None] * units
+
+            def body() -> None:
+                # The same number of BLPOPs for every policy: a list of exactly ``units`` messages.
+                self.loop(next(it) for _ in stream)
+
+        else:
+            raise ValueError(kind)
+        conn.ensure_connection()
+        self.Item.objects.get(pk=1)  # the connection was used a moment ago, as in a busy loop
+        self._threshold(threshold if threshold is not None else POLL_THRESHOLD.get(self.policy))
+        gc.collect()
+        self._reset()
+        try:
+            sys.call_tracing(body, ())
+        finally:
+            self._restore()
+        fc_stats = self._fc_stats() if is_freshconn(self.policy) else {}
+        return {"units": units, "pings": self._pings(), "connects": self.connects, "freshconn": fc_stats}

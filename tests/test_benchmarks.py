@@ -19,15 +19,23 @@ pytestmark = [
     ),
 ]
 
-POLICIES = {"unsafe", "unsafe_again", "django_max_age_0", "django_health_checks", "freshconn"}
+BASE = {"unsafe", "unsafe_again", "django_health_checks", "freshconn"}
+VARIANTS = {
+    "loop": BASE | {"django_max_age_0", "freshconn_poll_never", "freshconn_poll_always"},
+    "gap": BASE | {"freshconn_poll_never"},
+    "redis": BASE | {"freshconn_poll_never"},
+    "idle_aliases": BASE,
+}
 
 
-def test_quick_benchmark_reports_every_policy_and_freshconn_never_pings_when_busy(tmp_path):
-    """A quick run reports all four policies with positive rates; freshconn sends no ping and reuses its connection."""
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One quick run of every variant (loop, gap, Redis, idle aliases) for this driver, without callgrind."""
+    out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--drivers", DRIVER, "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--drivers", DRIVER, "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -36,24 +44,68 @@ def test_quick_benchmark_reports_every_policy_and_freshconn_never_pings_when_bus
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "benchmark.png").stat().st_size > 0
+    assert (out / "benchmark.png").stat().st_size > 0
+    assert "freshconn against the targets" in (out / "results.md").read_text()
+    return json.loads((out / "results.json").read_text())
 
-    summary = results["summary"][DRIVER]
-    assert set(summary) == POLICIES
-    for policy in POLICIES:
-        assert summary[policy]["rate"] > 0, policy
-        assert summary[policy]["units"] > 0, policy
 
-    fresh = summary["freshconn"]
-    assert fresh["pings_per_1000"] == 0
-    assert fresh["connects"] == 0
-    rounds = results["drivers"][DRIVER]["rounds"]
-    assert len(rounds) == results["drivers"][DRIVER]["config"]["rounds"]
-    assert all(r["policies"]["freshconn"]["connects_incl_warmup"] <= 1 for r in rounds)
-    assert results["drivers"][DRIVER]["freshconn_stats"]["units"] == fresh["units"]
+def test_quick_benchmark_reports_every_variant_and_policy(results):
+    """Every variant reports its policies with positive rates, and every round ran."""
+    assert set(results["summary"]) == set(VARIANTS)
+    assert results["instructions"] == {}  # --quick skips callgrind
+    for variant, policies in VARIANTS.items():
+        summary = results["summary"][variant][DRIVER]
+        assert set(summary) == policies, variant
+        for policy in policies:
+            assert summary[policy]["rate"] > 0, (variant, policy)
+            assert summary[policy]["units"] > 0, (variant, policy)
+    shared = results["drivers"][DRIVER]["shared"]
+    for variant in ("loop", "gap", "redis"):
+        assert len(shared["variants"][variant]["rounds"]) == shared["config"]["rounds"]
+    assert results["drivers"][DRIVER]["idle_aliases"]["config"]["idle_aliases"] == results["config"]["idle_aliases"]
 
-    # The instrumentation sees what each Django policy really does: one ping, or one connect, per unit.
-    assert summary["django_health_checks"]["pings_per_1000"] == 1000
-    assert summary["django_max_age_0"]["connects_per_1000"] == 1000
-    assert summary["unsafe"]["pings_per_1000"] == 0
+
+def test_freshconn_never_pings_or_reconnects_when_busy_in_any_variant(results):
+    """0 pings and no connect beyond the first, whatever the message source, and with idle aliases configured."""
+    for variant in VARIANTS:
+        for policy, s in results["summary"][variant][DRIVER].items():
+            if not policy.startswith("freshconn"):
+                continue
+            assert s["pings_per_1000"] == 0, (variant, policy)
+            assert s["connects"] == 0, (variant, policy)
+            assert s["max_connects_per_round_incl_warmup"] <= 1, (variant, policy)
+
+
+def test_the_poll_runs_after_a_pause_and_the_forced_policies_do_what_they_say(results):
+    """After a gap or a Redis round trip every unit polls the socket; poll_never never does, poll_always always."""
+    for variant in ("gap", "redis"):
+        s = results["summary"][variant][DRIVER]
+        assert s["freshconn"]["polls_per_1000"] == 1000, variant
+        assert s["freshconn_poll_never"]["polls_per_1000"] == 0, variant
+    loop = results["summary"]["loop"][DRIVER]
+    assert loop["freshconn_poll_always"]["polls_per_1000"] == 1000
+    assert loop["freshconn_poll_never"]["polls_per_1000"] == 0
+    assert results["summary"]["redis"][DRIVER]["unsafe"]["starved"] == 0  # the Redis list never ran dry
+
+
+def test_django_policies_ping_or_connect_once_per_unit(results):
+    """The instrumentation sees what each Django policy really does: one ping, or one connect, per unit."""
+    for variant in VARIANTS:
+        s = results["summary"][variant][DRIVER]
+        assert s["django_health_checks"]["pings_per_1000"] == 1000, variant
+        assert s["unsafe"]["pings_per_1000"] == 0, variant
+    assert results["summary"]["loop"][DRIVER]["django_max_age_0"]["connects_per_1000"] == 1000
+
+
+def test_kill_trials_without_the_poll_fail_the_next_unit(results):
+    """The safety side of the trade-off is measured: with the poll off, a KILL between units fails the next one."""
+    kills = results["kill_trials"][DRIVER]
+    n = kills["trials"]
+    assert n > 0
+    assert kills["no_poll_at_once"]["failed_units"] == n
+    assert kills["no_poll_after_1ms"]["failed_units"] == n
+    for case in ("poll_at_once", "poll_after_1ms"):
+        # With the poll the KILL is seen before the query (or, on PostgreSQL, may still be in flight
+        # "at once"): never more failures than trials, and each seen KILL discarded the connection.
+        assert 0 <= kills[case]["failed_units"] <= n
+        assert kills[case]["discarded_dead"] + kills[case]["discarded_error"] == n

@@ -8,6 +8,7 @@ proxy or a stale DNS answer after an Aurora, RDS or Patroni failover.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -34,8 +35,7 @@ def _prepare(srv: Server) -> None:
             f"DELETE FROM {DB_NAME}.fc_fo; SET GLOBAL read_only = 0;"
         )
         return
-    srv.admin_sql("ALTER SYSTEM RESET default_transaction_read_only")  # type: ignore[attr-defined]
-    srv.admin_sql("SELECT pg_reload_conf()")  # type: ignore[attr-defined]
+    _pg_read_only(srv, "RESET default_transaction_read_only", "off")
     if USER not in srv.admin_sql("SELECT rolname FROM pg_roles"):  # type: ignore[attr-defined]
         srv.admin_sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")  # type: ignore[attr-defined]
     srv.admin_sql(  # type: ignore[attr-defined]
@@ -49,8 +49,19 @@ def _demote(srv: Server) -> None:
     if VENDOR == "mysql":
         srv.admin_sql("SET GLOBAL read_only = 1")  # type: ignore[attr-defined]
     else:
-        srv.admin_sql("ALTER SYSTEM SET default_transaction_read_only = on")  # type: ignore[attr-defined]
-        srv.admin_sql("SELECT pg_reload_conf()")  # type: ignore[attr-defined]
+        _pg_read_only(srv, "SET default_transaction_read_only = on", "on")
+
+
+def _pg_read_only(srv: Server, change: str, expected: str) -> None:
+    srv.admin_sql(f"ALTER SYSTEM {change}")  # type: ignore[attr-defined]
+    srv.admin_sql("SELECT pg_reload_conf()")  # type: ignore[attr-defined]
+    # pg_reload_conf() only signals the postmaster, which reloads and then signals every backend
+    # (an idle one applies the change before its next command). A new session showing the value
+    # proves the postmaster has done both, so the worker's next statement meets the new mode.
+    deadline = time.monotonic() + 10
+    while srv.admin_sql("SHOW default_transaction_read_only").strip() != expected:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"the server never reported default_transaction_read_only={expected}"
+        time.sleep(0.02)
 
 
 def refs(srv: Server) -> list[str]:

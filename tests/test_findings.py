@@ -204,13 +204,6 @@ def test_string_conn_max_age_is_not_a_lifetime(server: Server) -> None:
     assert code == 2
 
 
-@pytest.mark.xfail(
-    DRIVER == "mysqlconnector",
-    strict=True,
-    raises=TypeError,
-    reason="core gap: _inspect.open_raw() calls raw.autocommit(True); mysql-connector-python's autocommit is a "
-    "property, so nothing can inspect its server (the doctor's own tests fail the same way)",
-)
 def test_concurrency_above_max_connections_from_the_check_and_the_doctor(server: Server) -> None:
     """Two aliases on one server: a pool of max_connections/2 + 1 is W010, from check_concurrency() and the doctor."""
     settings = server.django_settings(CONN_MAX_AGE=60, OPTIONS=dict(TIMEOUTS))

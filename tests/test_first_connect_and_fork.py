@@ -22,12 +22,15 @@ import warnings
 from collections.abc import Callable
 
 import pytest
-from django.db import connection
+from django.db import Error, connection, connections
+from django.test import override_settings
+from testbed.servers import free_port
 
 import freshconn
 from freshconn import _state
 from tests.app.models import Order
 from tests.conftest import IDLE_PAST_TIMEOUT, counters, short_server_timeout_options
+from tests.tempalias import temp_alias
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +70,32 @@ def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callabl
     connection.close()
     assert run_unit_while_server_restarts(server) == 0
     assert counters()["reconnect_waits"] == 1
+
+
+@pytest.mark.server
+def test_alias_added_after_the_threads_first_unit_gets_a_patient_first_connect(live, server):
+    """An alias configured after this thread's first unit is hooked at the next unit: its first connect waits too."""
+    with freshconn.unit_of_work():
+        Order.objects.count()
+    with (
+        override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 0.3}),
+        temp_alias("late", server.django_settings(PORT=str(free_port()))),
+    ):
+        with pytest.raises(Error), freshconn.unit_of_work(using="late"):
+            connections["late"].ensure_connection()
+        late = counters("late")
+    assert late["reconnect_waits"] == 1
+    assert late["reconnect_attempts"] >= 2
+
+
+@pytest.mark.server
+def test_a_rejected_password_fails_at_once_with_the_default_reconnect_timeout(live, server):
+    """A wrong password is not an outage: the unit fails at its first attempt instead of waiting 60 s."""
+    with temp_alias("badpw", server.django_settings(PASSWORD="not-the-password")):
+        with pytest.raises(Error), freshconn.unit_of_work(using="badpw"):
+            connections["badpw"].ensure_connection()
+        bad = counters("badpw")
+    assert (bad["reconnect_waits"], bad["reconnect_attempts"]) == (0, 0)
 
 
 def test_stats_in_a_child_forked_while_another_thread_reads_them():

@@ -100,8 +100,16 @@ def _vendor(alias: str) -> str:
         return "unknown"
 
 
+#: Bumped whenever DATABASES changes; a thread whose seed is older hooks its wrappers again.
+generation = 0
+
+
 def reset_caches(**kwargs: Any) -> None:
     """Forget per-settings caches (connected to Django's ``setting_changed``)."""
+    global generation
     if kwargs.get("setting") in (None, "DATABASES"):
         _server_cache.clear()
         validated.clear()
+        # Threads hook their wrappers again at their next unit: an alias added since (or a
+        # wrapper Django rebuilt) must get the patient first connect too.
+        generation += 1

@@ -50,6 +50,14 @@ class Driver:
         return row
 
 
+def set_autocommit(raw: Any) -> None:
+    """Put a raw connection in autocommit, whatever the driver's spelling."""
+    if callable(getattr(raw, "autocommit", None)):
+        raw.autocommit(True)  # mysqlclient, PyMySQL: a method
+    else:
+        raw.autocommit = True  # psycopg, psycopg2, mysql-connector-python: an attribute
+
+
 def _fileno_of(raw: Any) -> int | None:
     try:
         return int(raw.fileno())

@@ -96,7 +96,7 @@ PG_READ_ONLY_SQLSTATES = frozenset(
     {"25006"}
 )  # read_only_sql_transaction (a hot standby, default_transaction_read_only)
 
-_MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql", "mysql")  # mysql: mysql-connector-python
+MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql", "mysql")  # mysql: mysql-connector-python
 _PG_MODULES = ("psycopg", "psycopg2", "psycopg_pool")
 _CHAIN_LIMIT = 16
 
@@ -171,7 +171,7 @@ def _gone(exc: BaseException) -> bool:
     if isinstance(exc, (AmbiguousCommitError, ReconnectStopped)):
         return True
     root = _module_root(exc)
-    if root in _MYSQL_MODULES:
+    if root in MYSQL_MODULES:
         return _mysql_gone(exc)
     return root in _PG_MODULES and _pg_gone(exc)
 
@@ -186,7 +186,7 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
 
 def _read_only(exc: BaseException) -> bool:
     root = _module_root(exc)
-    if root in _MYSQL_MODULES:
+    if root in MYSQL_MODULES:
         code = exc.args[0] if exc.args else None
         if code in MYSQL_READ_ONLY_CODES:
             text = str(exc).lower()
@@ -243,7 +243,7 @@ def is_database_error(exc: BaseException) -> bool:
     """A Django database error or a driver's own (DB-API) error, as opposed to an interruption or a bug."""
     if isinstance(exc, DjangoDatabaseError):
         return True
-    return _module_root(exc) in _MYSQL_MODULES + _PG_MODULES
+    return _module_root(exc) in MYSQL_MODULES + _PG_MODULES
 
 
 def is_unsent(exc: BaseException) -> bool:
@@ -255,7 +255,7 @@ def is_unsent(exc: BaseException) -> bool:
     """
     for e in _causes(exc):
         root = _module_root(e)
-        if root in _MYSQL_MODULES:
+        if root in MYSQL_MODULES:
             code = e.args[0] if e.args else None
             if code == 2006 or (code in (0, -1) and _mysql_gone(e)):
                 return True
@@ -335,7 +335,7 @@ def error_code(exc: BaseException | None) -> str:
     """A short, secret-free label of a database error: "MySQL error 2002", "SQLSTATE 08006", or its kind."""
     for e in _causes(exc):
         root = _module_root(e)
-        if root in _MYSQL_MODULES and e.args and isinstance(e.args[0], int):
+        if root in MYSQL_MODULES and e.args and isinstance(e.args[0], int):
             return f"MySQL error {e.args[0]}"
         if root in _PG_MODULES:
             sqlstate = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)

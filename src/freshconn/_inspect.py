@@ -15,6 +15,7 @@ from typing import Any
 from django.db import connections
 
 from . import _audit
+from ._drivers import set_autocommit
 from ._redact import ParamsError
 
 __all__ = ["ServerFacts", "inspect", "open_raw", "raw_connection"]
@@ -93,10 +94,7 @@ def open_raw(alias: str, extra_options: dict[str, Any] | None = None) -> Any:
     raw = wrapper.get_new_connection(params)
     # Autocommit: an idle session must be plain idle, not "idle in transaction" (another limit).
     try:
-        if base.vendor == "mysql":
-            raw.autocommit(True)
-        else:
-            raw.autocommit = True
+        set_autocommit(raw)
     except BaseException:
         with contextlib.suppress(Exception):
             raw.close()

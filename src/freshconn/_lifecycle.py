@@ -11,7 +11,7 @@ import time
 
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from . import _outage, _policy, _stats, conf
+from . import _aliases, _outage, _policy, _stats, conf
 from ._aliases import Scope
 from ._errors import failed_alias, interrupted_alias, is_disconnect
 from ._sockets import bounded
@@ -110,7 +110,7 @@ def begin(scope: Scope, count: bool = True) -> None:
     if count:
         _stats.count_unit(scope)
     thread = _thread
-    if not thread.seeded:
+    if thread.seeded != _aliases.generation:
         seed()
     now = _monotonic()
     for alias, conn in thread.wrappers.items():
@@ -218,7 +218,7 @@ def boundary(conn: BaseDatabaseWrapper, cfg: conf.Config) -> None:
     thread = local()
     thread.adopted = True
     thread.lost = False
-    if not thread.seeded:
+    if thread.seeded != _aliases.generation:
         seed()
     now = _monotonic()
     if conn.connection is not None:

@@ -29,6 +29,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import _policy, _stats
 from ._errors import ReconnectStopped, error_code, is_disconnect
+from ._redact import refused_login
 
 __all__ = ["connect_patiently", "request_stop", "reset"]
 
@@ -244,7 +245,7 @@ def connect_patiently(conn: BaseDatabaseWrapper, timeout: float, failed: BaseExc
                 # The class's method: a managed wrapper's own ensure_connection() is freshconn's patient one.
                 type(conn).ensure_connection(conn)
             except Exception as exc:
-                if not is_disconnect(exc):
+                if not is_disconnect(exc) or refused_login(exc):
                     _give_back(alias)
                     raise
                 last = exc

@@ -15,6 +15,9 @@ from urllib.parse import parse_qsl, urlencode
 
 from django.core.exceptions import ImproperlyConfigured
 
+from . import _errors
+from ._errors import MYSQL_MODULES
+
 __all__ = ["ConnectFailure", "ParamsError", "describe_failure", "safe_location"]
 
 #: Location parts that are never credentials; everything else in a URI or conninfo string is dropped.
@@ -129,6 +132,8 @@ SUMMARIES: dict[str, str] = {
 }
 #: Kinds that are mistakes in the settings themselves: nothing was sent to the server.
 SETTINGS_KINDS = frozenset({"options_rejected", "settings_rejected", "encoding"})
+#: Kinds where the server answered and refused this client: waiting for it cannot help.
+REFUSAL_KINDS = frozenset({"authentication_failed", "access_denied", "unknown_database"}) | SETTINGS_KINDS
 
 
 @dataclass(frozen=True)
@@ -177,8 +182,9 @@ _ERRNO_KINDS = {
     -3: "unknown_host",
     -5: "unknown_host",
 }
-_MYSQL_MODULES = ("MySQLdb", "_mysql", "pymysql")
-_ERRNO = re.compile(r"\[Errno (-?\d+)\]|\((-?\d+)\)\s*$")
+# The OS errno as each driver quotes it: PyMySQL "[Errno 111]", libmariadb "(111)" at the end,
+# mysql-connector-python "(Errno 111: Connection refused)". Matched against the lower-cased text.
+_ERRNO = re.compile(r"\[errno (-?\d+)\]|\((-?\d+)\)\s*$|\(errno (-?\d+):")
 
 _PG_SQLSTATES = {
     "28P01": "authentication_failed",
@@ -238,7 +244,7 @@ def _mysql_kind(code: int, message: str) -> str:
         return _MYSQL_KINDS[code]
     if code in (2002, 2003):
         match = _ERRNO.search(message)
-        errno = int(match.group(1) or match.group(2)) if match else None
+        errno = int(next(g for g in match.groups() if g is not None)) if match else None
         if "timed out" in message:
             return "timeout"
         return _ERRNO_KINDS.get(errno, "cannot_connect") if errno is not None else "cannot_connect"
@@ -263,6 +269,15 @@ def _by_sqlstate_or_wording(exc: BaseException, message: str, option_names: froz
     return ConnectFailure(kind, code, f"SQLSTATE {code}" if code else _source(exc), setting=setting)
 
 
+def refused_login(exc: BaseException) -> bool:
+    """True when a failed connect means the server refused these credentials or this database.
+
+    psycopg 3 raises such errors without a SQLSTATE and on a connection libpq marks bad, which
+    otherwise reads as a disconnect; a worker must not wait RECONNECT_TIMEOUT on a wrong password.
+    """
+    return any(describe_failure(e).kind in REFUSAL_KINDS for e in _errors.chain(exc))
+
+
 def describe_failure(exc: BaseException, option_names: frozenset[str] = frozenset()) -> ConnectFailure:
     """Reduce a failed connect to a code and a kind; the exception's text never leaves this function."""
     if isinstance(exc, ParamsError):
@@ -271,11 +286,15 @@ def describe_failure(exc: BaseException, option_names: frozenset[str] = frozense
         return ConnectFailure("encoding", None, _source(exc))
     message = str(exc).lower()
     code = exc.args[0] if exc.args else None
-    if type(exc).__module__.split(".")[0] in _MYSQL_MODULES and isinstance(code, int) and not isinstance(code, bool):
+    if type(exc).__module__.split(".")[0] in MYSQL_MODULES and isinstance(code, int) and not isinstance(code, bool):
         return ConnectFailure(_mysql_kind(code, message), str(code), f"MySQL error {code}")
     if isinstance(exc, OSError) and exc.errno in _ERRNO_KINDS:  # a socket error no driver wrapped
         return ConnectFailure(_ERRNO_KINDS[exc.errno], None, _source(exc))
-    if isinstance(exc, (TypeError, ValueError)) or type(exc).__name__ in ("ProgrammingError", "NotSupportedError"):
-        # Raised by the driver before any I/O: an unknown keyword, a value of the wrong type or range.
+    if isinstance(exc, (TypeError, ValueError, AttributeError)) or type(exc).__name__ in (
+        "ProgrammingError",
+        "NotSupportedError",
+    ):
+        # Raised by the driver before any I/O: an unknown keyword (AttributeError in
+        # mysql-connector-python), a value of the wrong type or range.
         return ConnectFailure("options_rejected", None, _source(exc), setting=_named_setting(message, option_names))
     return _by_sqlstate_or_wording(exc, message, option_names)

@@ -14,6 +14,8 @@ from typing import Any
 
 from django.db import connections
 
+from ._drivers import set_autocommit
+
 __all__ = ["session_exists", "side_session", "wait_session_gone"]
 
 
@@ -23,10 +25,7 @@ def side_session(alias: str) -> Iterator[tuple[Any, str]]:
     wrapper = connections.create_connection(alias)
     raw = wrapper.get_new_connection(wrapper.get_connection_params())
     try:
-        if callable(getattr(raw, "autocommit", None)):
-            raw.autocommit(True)  # mysqlclient, PyMySQL: a method
-        else:
-            raw.autocommit = True  # psycopg, psycopg2, mysql-connector-python: an attribute
+        set_autocommit(raw)
         yield raw, str(wrapper.vendor)
     finally:
         with contextlib.suppress(Exception):

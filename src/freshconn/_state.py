@@ -23,9 +23,10 @@ from typing import Any
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
-from . import _django, _drivers, _outage, _policy, _pool, _stats, conf
+from . import _aliases, _django, _drivers, _outage, _policy, _pool, _stats, conf
 from ._aliases import is_server_vendor, server_aliases
 from ._errors import is_database_error, is_disconnect, is_read_only, is_unsent
+from ._redact import refused_login
 from ._sql import COMMIT, WRITE, classify
 from .signals import connection_discarded
 
@@ -160,7 +161,8 @@ class _Thread(threading.local):
     spares every unit a walk through ``connections`` (an asgiref Local lookup per alias).
     """
 
-    seeded = False
+    #: The _aliases.generation at this thread's last seed() (-1: never seeded).
+    seeded = -1
     async_open = 0
     #: The thread runs a loop whose close_old_connections() calls freshconn adopted as unit boundaries.
     adopted = False
@@ -293,6 +295,7 @@ def connect_step(conn: BaseDatabaseWrapper) -> None:
             or thread.lost
             or conn.in_atomic_block
             or not is_disconnect(exc)
+            or refused_login(exc)
         ):
             raise
         _outage.connect_patiently(conn, timeout, failed=exc)
@@ -332,7 +335,10 @@ def seed() -> None:
     hook the wrappers of every server alias, so that even a first connect is patient."""
     from django.db import connections
 
-    _local.seeded = True
+    _local.seeded = _aliases.generation
+    for alias, wrapper in list(_local.wrappers.items()):
+        if _django.thread_wrapper(alias) is not wrapper:
+            del _local.wrappers[alias]  # an alias removed from DATABASES, or a wrapper Django replaced
     for conn in _django.initialized_wrappers():
         if conn.connection is not None and is_server_vendor(conn.vendor):
             state_of(conn)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from django.db import OperationalError
+from django.db import Error
 from testbed.redis import Redis
 
 import freshconn
@@ -85,7 +85,9 @@ def test_chaos_every_message_applied_exactly_once_without_restart(live, server, 
             ref = raw.decode()
             try:
                 apply(ref)
-            except OperationalError:
+            except Error as exc:  # OperationalError, or InterfaceError from mysql-connector-python
+                if not freshconn.is_disconnect(exc):
+                    raise
                 surfaced += 1
                 client.lmove("processing", "jobs", "RIGHT", "RIGHT")  # back to the queue, nothing lost
                 continue

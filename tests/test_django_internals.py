@@ -123,6 +123,22 @@ def test_commit_and_atomic_exit_use_the_names_freshconn_expects():
     assert isinstance(connection.execute_wrappers, list)
 
 
+def test_rollback_goes_through_the_instances_rollback_step(live):
+    """Django's rollback() calls the wrapper's own _rollback(), so an instance attribute shadows it."""
+    seen: list[str] = []
+    connection.ensure_connection()
+    own = connection.__dict__.get(_django.ROLLBACK_STEP)  # freshconn's hook, when installed
+    setattr(connection, _django.ROLLBACK_STEP, lambda: seen.append("rollback"))
+    try:
+        connection.rollback()
+    finally:
+        if own is None:
+            delattr(connection, _django.ROLLBACK_STEP)
+        else:
+            setattr(connection, _django.ROLLBACK_STEP, own)
+    assert seen == ["rollback"]
+
+
 def test_freshconn_leaves_djangos_close_at_alone(live):
     """freshconn never rewrites close_at: code outside units keeps Django's own CONN_MAX_AGE."""
     with freshconn.unit_of_work():

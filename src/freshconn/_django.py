@@ -19,6 +19,7 @@ __all__ = [
     "CONNECT_STEP",
     "HEALTH_CHECK_DONE",
     "PER_CONNECTION_STEP",
+    "ROLLBACK_STEP",
     "commit_frame_alias",
     "initialized_wrappers",
     "thread_wrapper",
@@ -44,6 +45,13 @@ CONNECT_STEP = "ensure_connection"
 #: in ``wrap_database_errors``. An error raised during a COMMIT carries a traceback through its
 #: frame, with the wrapper as ``self`` (``commit`` itself is wrapped by ``async_unsafe``).
 COMMIT_FRAME = "_commit"
+
+#: ``BaseDatabaseWrapper._rollback()``: ``rollback()`` calls it. When it fails, ``Atomic.__exit__``
+#: closes the connection and, in its ``finally``, reconnects through ``set_autocommit(True)``.
+#: freshconn shadows it on managed instances to learn that the unit lost its connection even when
+#: the first error never passed through an execute wrapper (mysql-connector-python pings in
+#: ``cursor()``), so that reconnect fails fast instead of waiting inside the failed unit.
+ROLLBACK_STEP = "_rollback"
 
 
 def thread_wrapper(alias: str) -> BaseDatabaseWrapper | None:

@@ -270,6 +270,7 @@ def hook(conn: BaseDatabaseWrapper) -> None:
     conn.execute_wrappers.insert(0, statement_hook)
     setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
     setattr(conn, _django.CONNECT_STEP, types.MethodType(connect_step, conn))
+    setattr(conn, _django.ROLLBACK_STEP, types.MethodType(rollback_step, conn))
     for extra in on_register:
         extra(conn)
 
@@ -453,6 +454,16 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
         active = _local.active
         if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
             _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None))
+        raise
+
+
+def rollback_step(conn: BaseDatabaseWrapper) -> Any:
+    """freshconn's ``_rollback()`` on a managed wrapper: Django's; a disconnect marks the unit as having lost it."""
+    try:
+        return type(conn)._rollback(conn)  # type: ignore[attr-defined]
+    except BaseException as exc:
+        if is_disconnect(exc):
+            _local.lost = True
         raise
 
 

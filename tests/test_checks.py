@@ -130,12 +130,12 @@ def test_i001_no_connect_timeout_is_an_info(server: Server) -> None:
 
 
 @pytest.mark.skipif(VENDOR != "postgresql", reason="Django's pool is PostgreSQL-only")
-def test_w003_pool_without_check(server: Server) -> None:
-    """A Django pool with no check is freshconn.W003; one with a check is not."""
+def test_e007_check_in_the_pools_options(server: Server) -> None:
+    """A pool without a check of its own is fine (freshconn gives it one); a 'check' in OPTIONS['pool'] is E007."""
     with temp_alias("chk", settings_for(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, "pool": True})):
-        assert ids(checks.check_settings()) == ["freshconn.W003"]
-    with temp_alias("chk", settings_for(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, "pool": {"check": print}})):
         assert ids(checks.check_settings()) == []
+    with temp_alias("chk", settings_for(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, "pool": {"check": print}})):
+        assert ids(checks.check_settings()) == ["freshconn.E007"]
 
 
 def test_server_checks_need_databases(server: Server) -> None:

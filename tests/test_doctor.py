@@ -155,24 +155,26 @@ def test_pymysql_tls_cost_against_a_server_without_tls(server: Server) -> None:
 
 
 @pytest.mark.skipif(DRIVER != "psycopg" or django.VERSION < (5, 1), reason="Django >= 5.1 pool on psycopg 3")
-def test_pool_without_check(server: Server) -> None:
-    """A Django pool with no check is a warning; with ConnectionPool.check_connection it is not."""
-    from psycopg_pool import ConnectionPool
-
-    with alias(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, "pool": {"min_size": 1}}):
+def test_pool_is_judged_against_the_servers_idle_limit(server: Server) -> None:
+    """A pool max_idle above the server's idle limit is a note naming a shorter max_idle; a shorter one gets none."""
+    limit = short_server_timeout_options(20)
+    with alias(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, **limit, "pool": {"min_size": 1}}):
         _, data = doctor_json("--database", "doc")
-    assert verdict_ids(data)["pool-without-check"] == "warning"
+    assert verdict_ids(data) == {"pool-max-idle-above-idle-limit": "note"}
+    verdict = next(v for v in database(data)["verdicts"] if v["id"] == "pool-max-idle-above-idle-limit")
+    assert "600s (max_idle)" in verdict["message"]
+    assert "['max_idle'] to at most 18" in verdict["fix"]
     assert database(data)["django"] | {"timeouts": None} == {
         "CONN_MAX_AGE": 0,
         "CONN_HEALTH_CHECKS": False,
         "pool": True,
         "pool_check": False,
+        "pool_max_idle": 600.0,
         "timeouts": None,
     }
-    checked = {"pool": {"check": ConnectionPool.check_connection}}
-    with alias(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, **checked}):
+    with alias(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, **limit, "pool": {"min_size": 1, "max_idle": 15}}):
         _, data = doctor_json("--database", "doc")
-    assert "pool-without-check" not in verdict_ids(data)
+    assert verdict_ids(data) == {}
 
 
 @pytest.mark.skipif(VENDOR != "mysql", reason="max_connections can change at run time on MariaDB only")

@@ -34,7 +34,6 @@ LEGACY = {
     "freshconn.E004": "unreachable",
     "freshconn.W001": "check-after-idle-not-below-lifetime",
     "freshconn.W002": "no-read-timeout",
-    "freshconn.W003": "pool-without-check",
     "freshconn.W004": "lifetime-above-idle-limit",
     "freshconn.W005": "pymysql-tls-per-connect",
 }
@@ -122,10 +121,10 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], set[str]]] = {
     "wrong password": ({}, {"PASSWORD": "not-the-password"}, {"unreachable"}),
 }
 if VENDOR == "postgresql":
-    CASES["pool without check"] = (
+    CASES["check in the pool's options"] = (
         {},
-        {"CONN_MAX_AGE": 0, "OPTIONS": {**TIMEOUTS, "pool": True}},
-        {"pool-without-check"},
+        {"CONN_MAX_AGE": 0, "OPTIONS": {**TIMEOUTS, "pool": {"check": print}}},
+        {"pool-check-option"},
     )
 if DRIVER == "pymysql":
     bare = {k: v for k, v in TIMEOUTS.items() if k != "ssl_disabled"}

@@ -182,8 +182,10 @@ class AliasSettings:
     #: The names (never the values) of every key in OPTIONS.
     option_names: frozenset[str]
     pool: bool
-    #: Whether the pool has a check; None without a pool.
+    #: Whether OPTIONS["pool"] names a check of its own (Django refuses it); None without a pool.
     pool_check: bool | None
+    #: The pool's max_idle in seconds (psycopg_pool's default when not set); None without a pool.
+    pool_max_idle: float | None
 
     @property
     def networked(self) -> bool:
@@ -202,6 +204,17 @@ class AliasSettings:
             return int(self.port) if self.port else _DEFAULT_PORTS.get(self.vendor)
         except ValueError:
             return None
+
+
+#: psycopg_pool.ConnectionPool's own default max_idle (seconds).
+POOL_DEFAULT_MAX_IDLE = 600.0
+
+
+def _pool_max_idle(pool: Any) -> float | None:
+    if not pool:
+        return None
+    value = pool.get("max_idle", POOL_DEFAULT_MAX_IDLE) if isinstance(pool, dict) else POOL_DEFAULT_MAX_IDLE
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def alias_settings(alias: str) -> AliasSettings:
@@ -231,4 +244,5 @@ def alias_settings(alias: str) -> AliasSettings:
         option_names=frozenset(str(k) for k in options),
         pool=bool(pool),
         pool_check=None if not pool else isinstance(pool, dict) and "check" in pool,
+        pool_max_idle=_pool_max_idle(pool),
     )

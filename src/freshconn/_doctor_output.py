@@ -53,6 +53,7 @@ def _db_json(rep: AliasReport) -> dict[str, Any]:
             "CONN_HEALTH_CHECKS": s.health_checks,
             "pool": s.pool,
             "pool_check": s.pool_check,
+            "pool_max_idle": s.pool_max_idle,
             "timeouts": s.timeouts,
         },
         "lifetime": rep.lifetime,
@@ -166,7 +167,8 @@ def _db_text(rep: AliasReport) -> list[str]:
         django = [
             f"CONN_MAX_AGE {s.conn_max_age!r}",
             f"CONN_HEALTH_CHECKS {s.health_checks}",
-            "pool " + ("off" if not s.pool else "on" + (" (checked)" if s.pool_check else " (no check)")),
+            "pool "
+            + ("off" if not s.pool else "on" + (" (a check in OPTIONS)" if s.pool_check else " (freshconn's check)")),
             "timeouts " + (", ".join(f"{k}={v!r}" for k, v in s.timeouts.items()) or "none"),
         ]
         lines += _wrapped_items("  django   ", django, " " * 11)

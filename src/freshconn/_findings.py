@@ -66,6 +66,10 @@ CATALOGUE: tuple[Finding, ...] = (
     _f("E006", "connections-exhausted", "error", "server",
        ">= 95 % of the server's `max_connections` are in use",
        "raise `max_connections`, add a pooler, or run fewer workers"),
+    _f("E007", "pool-check-option", "error", "settings",
+       "`OPTIONS['pool']` holds a `check`: Django passes `check` to psycopg_pool itself, so the first connection "
+       "fails with `TypeError`",
+       "remove it: with freshconn installed the pool gets freshconn's idle-aware check (no round trip when busy)"),
     _f("W001", "check-after-idle-not-below-lifetime", "warning", "settings",
        "`CHECK_AFTER_IDLE` is not below the lifetime of connections in units (`FRESHCONN['CONN_MAX_AGE']`, else a "
        "positive `CONN_MAX_AGE`, else 1800 s): idle connections are replaced, never checked",
@@ -74,9 +78,6 @@ CATALOGUE: tuple[Finding, ...] = (
        "MySQL/MariaDB: no `read_timeout`; PostgreSQL: neither `tcp_user_timeout` nor `keepalives_idle`: a query "
        "on a silently dropped connection hangs for hours",
        "the driver's timeout options (see the hint)"),
-    _f("W003", "pool-without-check", "warning", "settings",
-       "a Django >= 5.1 PostgreSQL pool (`OPTIONS['pool']`) without a `check`",
-       "`'pool': {'check': psycopg_pool.ConnectionPool.check_connection}`"),
     _f("W004", "lifetime-above-idle-limit", "warning", "server",
        "outside units, Django's own `CONN_MAX_AGE` (`None` = forever) is above the server's idle limit for this "
        "session (`wait_timeout` / `idle_session_timeout`); units handle that limit themselves",
@@ -116,6 +117,11 @@ CATALOGUE: tuple[Finding, ...] = (
     _f("I004", "small-max-allowed-packet", "note", "server",
        "`max_allowed_packet` < 16 MiB: a bigger statement or row drops the connection (2006)",
        "raise it, or send smaller batches"),
+    _f("I006", "pool-max-idle-above-idle-limit", "note", "server",
+       "a Django pool's `max_idle` (psycopg_pool's default: 600 s) is above the server's idle limit: pooled "
+       "connections die in the pool; freshconn's check replaces each at checkout without a round trip, at the "
+       "cost of a connect",
+       "`'pool': {'max_idle': ...}` below the limit (the hint names a value), so the pool closes them itself"),
     _f("I005", "idle-limit-measured", "note", "probe",
        "`--probe-idle` found no idle limit up to its `MAX_SECONDS`",
        "nothing"),

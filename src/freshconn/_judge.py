@@ -132,15 +132,15 @@ def settings_hits(s: AliasSettings, cfg: conf.Config | None) -> list[Hit]:
                 f"Set {suggested_timeouts(s.vendor)} in {_db(alias)} (keep {read_guard[0]} above your slowest query).",
             )
         )
-    if s.vendor == "postgresql" and s.pool and not s.pool_check:
+    if s.vendor == "postgresql" and s.pool_check:
         found.append(
             hit(
-                "pool-without-check",
+                "pool-check-option",
                 alias,
-                "A connection pool with no check: a connection the server or a proxy dropped while it sat in the "
-                "pool is handed out as if alive, and the first query on it fails.",
-                "Set 'OPTIONS': {'pool': {'check': psycopg_pool.ConnectionPool.check_connection, ...}} "
-                "(psycopg_pool >= 3.2).",
+                "OPTIONS['pool'] holds a 'check': Django passes check= to psycopg_pool itself, so the first "
+                "connection on this alias fails with TypeError (multiple values for 'check').",
+                f"Remove 'check' from {_db(alias, 'OPTIONS', 'pool')}: with freshconn installed the pool gets "
+                "freshconn's check (idle-aware: no round trip for a connection used moments ago).",
             )
         )
     if "connect_timeout" not in s.timeouts and s.driver != "pymysql":  # PyMySQL defaults to 10 s
@@ -230,6 +230,18 @@ def server_hits(s: AliasSettings, facts: ServerFacts, *, probed: bool = False) -
                     + f", raise the server's {name}, or run that code in units.",
                 )
             )
+    if limit is not None and s.pool_max_idle is not None and s.pool_max_idle > limit:
+        found.append(
+            hit(
+                "pool-max-idle-above-idle-limit",
+                alias,
+                f"The pool keeps an idle connection up to {s.pool_max_idle:g}s (max_idle), but the server drops a "
+                f"session idle for {limit:g}s ({name}): such connections die in the pool. freshconn's check "
+                "replaces each at checkout without a round trip; each costs a new connection.",
+                f"Set {_db(alias, 'OPTIONS', 'pool')}['max_idle'] to at most {suggested_max_age(limit)} so the "
+                "pool closes them itself, in the background.",
+            )
+        )
     if s.driver == "pymysql" and facts.tls is False and not s.ssl_configured:
         found.append(
             hit(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from django.db import Error, OperationalError, connection, transaction
+from django.db import Error, OperationalError, connection, connections, transaction
 
 import freshconn
 from freshconn.testing import kill_connection
@@ -93,6 +93,38 @@ def test_committed_transaction_then_kill_is_not_retried(live):
     assert len(calls) == 1
     assert Order.objects.filter(ref="c-1").count() == 1
     assert counters()["not_retried_unsafe"] == 1
+
+
+def test_connection_lost_right_after_commit_is_not_retried(live):
+    """Killed between a successful COMMIT and Django's autocommit restore, the applied transaction is not replayed."""
+    calls = []
+    conn = connections["default"]
+    restore = type(conn)._set_autocommit
+
+    def killed_first(autocommit: bool) -> None:
+        # Once: the session dies after the server applied the COMMIT, before Django runs on_commit.
+        del conn._set_autocommit
+        if autocommit:
+            kill_connection()
+        restore(conn, autocommit)
+
+    @freshconn.unit_of_work(retries=2)
+    def transfer() -> None:
+        calls.append(1)
+        with transaction.atomic():
+            Order.objects.create(ref="after-commit")
+            if len(calls) == 1:
+                conn._set_autocommit = killed_first
+        Order.objects.count()
+
+    try:
+        transfer()
+    except Error as exc:
+        assert freshconn.is_disconnect(exc)  # MySQL sends the autocommit restore; libpq's is client-side
+    finally:
+        conn.__dict__.pop("_set_autocommit", None)
+    assert len(calls) == 1
+    assert Order.objects.filter(ref="after-commit").count() == 1
 
 
 def test_idempotent_unit_is_retried_after_an_autocommit_write(live):

@@ -447,7 +447,7 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
     AmbiguousCommitError and is never retried.
     """
     try:
-        return type(conn)._commit(conn)  # type: ignore[attr-defined]
+        result = type(conn)._commit(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
         if is_disconnect(exc):
             _local.lost = True
@@ -455,6 +455,14 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
         if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
             _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None))
         raise
+    # The transaction is applied now. Django runs on_commit callbacks only once set_autocommit(True)
+    # has succeeded, and on MySQL that sends a statement: a connection lost right after COMMIT
+    # (killed, cut) skips them, and the retry rule would think nothing was applied and replay it.
+    for entry in conn.run_on_commit:
+        owner = getattr(entry[1], "__self__", None)
+        if isinstance(owner, Tracker):
+            owner.applied = True
+    return result
 
 
 def rollback_step(conn: BaseDatabaseWrapper) -> Any:

@@ -6,6 +6,7 @@ so that no call can trigger Django's ``ensure_connection()`` and open a connecti
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +32,11 @@ class Driver:
             cursor.fetchall()
         finally:
             cursor.close()
+
+    def hard_close(self, raw: Any) -> None:
+        """Release what a connection whose close() failed still holds; never raises."""
+        with contextlib.suppress(Exception):  # a dead connection may fail in any driver-specific way
+            raw.close()
 
     def idle_limit(self, raw: Any) -> float | None:
         """The idle limit (seconds) the server enforces on this session, or None if unlimited/unknown."""
@@ -148,6 +154,15 @@ class MySQLConnector(_MySQLBase):
     def ping(self, raw: Any) -> None:
         # reconnect=False: a driver-level reconnect would skip Django's session setup.
         raw.ping(reconnect=False)
+
+    def hard_close(self, raw: Any) -> None:
+        # A pure-Python socket: left to the garbage collector it is a ResourceWarning (and an fd held).
+        sock = getattr(getattr(raw, "_socket", None), "sock", None)
+        try:
+            if sock is not None:
+                sock.close()
+        except OSError:
+            pass
 
     def backend_id(self, raw: Any) -> int | None:
         value = raw.connection_id

@@ -498,8 +498,11 @@ def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
     # The connection is being thrown away: its close may fail on a dead socket, and that is fine.
     with contextlib.suppress(Exception):
         conn.close()
-    if not conn.in_atomic_block:
-        # Django's close() only forgets the driver connection when _close() succeeded.
+    if not conn.in_atomic_block and conn.connection is not None:
+        # Django's close() only forgets the driver connection when _close() succeeded: release its
+        # socket without a word to the server, then forget it.
+        raw = conn.connection
+        (state.driver if state is not None else _drivers.for_connection(raw)).hard_close(raw)
         conn.connection = None
     if reason in OUTAGE_REASONS:
         _local.needs_reconnect.add(conn.alias)

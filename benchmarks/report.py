@@ -76,6 +76,11 @@ def _between(results: dict[str, Any], variant: str) -> str:
     return f"{lo:.0f} µs" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f} µs"
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 round``, ``3 rounds``: a count with its noun in the right number (regular plurals only)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -297,8 +302,8 @@ def _footer(results: dict[str, Any]) -> str:
             loads.append(f"{run['loadavg_before'][0]:.2f}")
             loads.append(f"{run['loadavg_after'][0]:.2f}")
     return (
-        f"medians of {cfg['rounds']} interleaved rounds of {cfg['seconds']:g} s per policy; ratio = median of "
-        "per-round rate / unsafe rate, IQR = its interquartile range; "
+        f"medians of {plural(cfg['rounds'], 'interleaved round')} of {cfg['seconds']:g} s per policy; "
+        "ratio = median of per-round rate / unsafe rate, IQR = its interquartile range; "
         f"{m['cpu_count']} CPUs, load average {m['loadavg_start'][0]:.2f} at the start, "
         f"{m['loadavg_end'][0]:.2f} at the end (per driver process: {', '.join(loads)})"
     )
@@ -433,7 +438,7 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     m = results["machine"]
     fig.suptitle(
         "One primary-key SELECT per message through the Django ORM: throughput relative to the unsafe baseline\n"
-        f"median of {results['config']['rounds']} interleaved rounds (whiskers: interquartile range), "
+        f"median of {plural(results['config']['rounds'], 'interleaved round')} (whiskers: interquartile range), "
         f"{m['cpu_count']} CPUs, load {m['loadavg_start'][0]:.1f}-{m['loadavg_end'][0]:.1f}, {results['date'][:10]}"
         + (" (QUICK smoke run, not a measurement)" if results["quick"] else ""),
         fontsize=10,

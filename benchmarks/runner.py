@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks import instructions
 from benchmarks.child import DRIVERS, VARIANT_POLICIES, VARIANTS
-from benchmarks.report import render_chart, render_markdown, render_table
+from benchmarks.report import plural, render_chart, render_markdown, render_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "out"
@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 db = servers[VENDOR[driver]].django_settings()  # type: ignore[attr-defined]
                 runs: dict[str, Any] = {}
                 if shared:
-                    log(f"{driver}: {', '.join(shared)}: {args.rounds} rounds x {args.seconds:g} s per policy")
+                    per_policy = f"{plural(args.rounds, 'round')} x {args.seconds:g} s per policy"
+                    log(f"{driver}: {', '.join(shared)}: {per_policy}")
                     before = os.getloadavg()
                     opts = [*common, f"--variants={','.join(shared)}", f"--kill-trials={args.kill_trials}"]
                     if "redis" in shared:

@@ -74,7 +74,7 @@ def _run_in_unit(unit: UnitOfWork, fn: Callable[..., T], args: tuple[Any, ...], 
 class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
     """A ``concurrent.futures.ThreadPoolExecutor`` whose tasks run as units of work.
 
-    Every submitted callable (``submit`` and ``map``) runs inside ``freshconn.unit_of_work(using)``
+    Every submitted callable (``submit`` and ``map``) runs inside ``freshconn.unit_of_work(using=using)``
     in its worker thread, and every worker thread closes its own connections when it ends, so
     ``shutdown()`` (or leaving the ``with`` block) leaves no connection open on the server.
     ``shutdown(wait=False)`` returns at once; each thread still closes its connections when it

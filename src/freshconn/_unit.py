@@ -5,14 +5,22 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final, overload
 
 from . import _aliases, _retry
 from ._aliases import Scope, Using
 from ._state import local
 from ._units import UnitHandle, _open, close
+
+if TYPE_CHECKING:
+    from typing_extensions import deprecated
+else:
+
+    def deprecated(message: str) -> Callable[[T], T]:
+        return lambda func: func
+
 
 _thread = local()
 
@@ -23,6 +31,21 @@ logger = logging.getLogger("freshconn")
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+#: What type checkers refuse to let ``unit_of_work`` wrap: an ``async def`` or an async generator function
+#: (which it refuses at run time). A sync function returning either would end its unit before they run.
+_CoroutineFunction = Callable[..., Coroutine[Any, Any, Any] | AsyncIterator[Any]]
+
+
+@final
+class UseAunitOfWorkForCoroutineFunctions:
+    """What a type checker sees ``@unit_of_work`` make of an ``async def``: nothing callable.
+
+    ``unit_of_work`` raises TypeError for a coroutine function; this type makes the mistake a type
+    error too, at the call of the decorated function (and a deprecation report where enabled).
+    """
+
+    __slots__ = ()
 
 
 def _check_options(retries: Any, idempotent: Any) -> None:
@@ -80,7 +103,14 @@ class UnitOfWork:
                 return
         raise RuntimeError("unit_of_work.__exit__ without a matching __enter__ in this thread")
 
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+    @overload
+    @deprecated("unit_of_work cannot wrap a coroutine function: use freshconn.aunit_of_work")
+    def __call__(self, func: _CoroutineFunction) -> UseAunitOfWorkForCoroutineFunctions: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
+
+    def __call__(self, func: Callable[P, R]) -> Any:
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
                 f"unit_of_work cannot wrap the coroutine function {func.__qualname__}: use "
@@ -110,6 +140,11 @@ class UnitOfWork:
             return result
 
         return wrapper
+
+
+@overload
+@deprecated("unit_of_work cannot wrap a coroutine function: use freshconn.aunit_of_work")
+def unit_of_work(func: _CoroutineFunction, /) -> UseAunitOfWorkForCoroutineFunctions: ...  # type: ignore[overload-overlap]
 
 
 @overload

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="timed seconds per policy per round (default 0.4; quick 0.04)")
     parser.add_argument("--rounds", type=int, help="rounds; medians over rounds are reported (default 16; quick 3)")
     parser.add_argument("--slice", type=float, default=0.02, help="policies take turns every SLICE seconds (0.02)")
-    parser.add_argument("--kill-trials", type=int, help="KILLs between units, per case (default 10; quick 1)")
+    parser.add_argument("--kill-trials", type=int, help="KILLs between units, per case (default 10; quick 2)")
     parser.add_argument(
         "--instructions",
         action=argparse.BooleanOptionalAction,

@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         help="count instructions per unit with callgrind (default: on, except --quick; needs valgrind)",
     )
     parser.add_argument("--instr-units", type=int, default=150, help="messages per callgrind case (150)")
-    parser.add_argument(
-        "--pool-messages", type=int, help="pool, after idle: messages per policy (default 10; quick 1)"
-    )
+    parser.add_argument("--pool-messages", type=int, help="pool, after idle: messages per policy (default 10; quick 1)")
     parser.add_argument(
         "--pool-gap", type=float, default=2.5, help="pool, after idle: seconds idle before each message (2.5)"
     )

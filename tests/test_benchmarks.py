@@ -36,7 +36,7 @@ needs_pool = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """One quick run of every variant (loop, gap, Redis, idle aliases; the pool on psycopg) for this driver, without callgrind."""
+    """One quick run of every variant (loop, gap, Redis, idle aliases; pool on psycopg) for this driver, no callgrind."""
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
@@ -133,11 +133,13 @@ def test_pool_section_reports_three_policies_and_the_control_in_both_shapes(resu
         "pool_freshconn": "freshconn",
     }
     for policy, s in pool["busy"].items():
-        assert s["rate"] > 0 and s["units"] > 0, policy
+        assert s["rate"] > 0, policy
+        assert s["units"] > 0, policy
     for policy, s in pool["idle"].items():
         assert s["messages"] == results["config"]["pool"]["messages"], policy
     md = (results["_out"] / "results.md").read_text()
-    assert "**pool, busy:" in md and "**pool, after idle:" in md
+    assert "**pool, busy:" in md
+    assert "**pool, after idle:" in md
     for policy in POOL_BUSY:
         assert f"| {DRIVER} | {policy} |" in md, policy
 
@@ -157,7 +159,7 @@ def test_pool_busy_freshconn_sends_no_round_trip_and_health_checks_one_per_check
 
 @needs_pool
 def test_pool_after_idle_freshconn_never_fails_and_the_pool_alone_does(results):
-    """After idling past the server's limit: freshconn 0 failures, 0 pings; the pool alone hands out a dead connection."""
+    """After idling past the server's limit: freshconn 0 failures, 0 pings; the pool alone hands out dead connections."""
     idle = results["pool"][DRIVER]["idle"]
     fc, hc, alone = idle["pool_freshconn"], idle["pool_health_checks"], idle["pool"]
     assert fc["failures"] == 0, fc["errors"]

@@ -36,7 +36,7 @@ needs_pool = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """One quick run of every variant (loop, gap, Redis, idle aliases; pool on psycopg) for this driver, no callgrind."""
+    """One quick run of every variant (loop, gap, Redis, idle aliases, pool on psycopg), this driver, no callgrind."""
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
@@ -159,7 +159,7 @@ def test_pool_busy_freshconn_sends_no_round_trip_and_health_checks_one_per_check
 
 @needs_pool
 def test_pool_after_idle_freshconn_never_fails_and_the_pool_alone_does(results):
-    """After idling past the server's limit: freshconn 0 failures, 0 pings; the pool alone hands out dead connections."""
+    """After idling past the server's limit: freshconn 0 failures, 0 pings; the pool alone hands out dead ones."""
     idle = results["pool"][DRIVER]["idle"]
     fc, hc, alone = idle["pool_freshconn"], idle["pool_health_checks"], idle["pool"]
     assert fc["failures"] == 0, fc["errors"]

@@ -153,7 +153,7 @@ def build_pools() -> dict[str, dict[str, Any]]:
                 built = pools.pop(name, None)
                 if built is not None:
                     built.close()  # never opened: no connection, no thread
-            pool = connections[name].pool
+            pool = connections[name].pool  # type: ignore[attr-defined]  # PostgreSQL backend, Django 5.1+
             check = pool._check
             kind = (
                 "none"

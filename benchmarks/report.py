@@ -406,7 +406,7 @@ def _footer(results: dict[str, Any]) -> str:
             loads.append(f"{run['loadavg_after'][0]:.2f}")
     return (
         f"medians of {cfg['rounds']} interleaved rounds of {cfg['seconds']:g} s per policy; ratio = median of "
-        "per-round rate / unsafe rate, IQR = its interquartile range; "
+        "per-round rate / unsafe rate (pool: / pool alone's), IQR = its interquartile range; "
         f"{m['cpu_count']} CPUs, load average {m['loadavg_start'][0]:.2f} at the start, "
         f"{m['loadavg_end'][0]:.2f} at the end (per driver process: {', '.join(loads)})"
     )

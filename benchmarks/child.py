@@ -53,6 +53,8 @@ VARIANT_POLICIES: dict[str, tuple[str, ...]] = {
     "idle_aliases": ("unsafe", "unsafe_again", "django_health_checks", "freshconn"),
 }
 VARIANTS = tuple(VARIANT_POLICIES)
+#: Django's PostgreSQL pool (psycopg 3 only), in a process of its own: see benchmarks.pool.
+POOL = "pool"
 
 
 def log(msg: str) -> None:
@@ -82,13 +84,14 @@ def idle_alias_names(n: int) -> list[str]:
     return [f"idle_{i:02d}" for i in range(1, n + 1)]
 
 
-def configure(db: dict[str, Any], idle_aliases: int = 0) -> None:
+def configure(db: dict[str, Any], idle_aliases: int = 0, databases: dict[str, Any] | None = None) -> None:
     import django
     from django.conf import settings
 
-    databases = {"default": {**db, "CONN_MAX_AGE": None}}
-    # Configured, never connected: the same server, as a replica or a second schema would be.
-    databases.update({name: {**db, "CONN_MAX_AGE": None} for name in idle_alias_names(idle_aliases)})
+    if databases is None:
+        databases = {"default": {**db, "CONN_MAX_AGE": None}}
+        # Configured, never connected: the same server, as a replica or a second schema would be.
+        databases.update({name: {**db, "CONN_MAX_AGE": None} for name in idle_alias_names(idle_aliases)})
     settings.configure(
         DEBUG=False,  # DEBUG=True would record every query in memory
         SECRET_KEY="benchmarks-only",
@@ -385,16 +388,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overhead-rounds", type=int, default=5)
     parser.add_argument("--overhead-seconds", type=float, default=0.2)
     parser.add_argument("--kill-trials", type=int, default=0)
+    parser.add_argument("--pool-messages", type=int, default=10, help="pool, after idle: messages per policy")
+    parser.add_argument("--pool-gap", type=float, default=2.5, help="pool, after idle: seconds idle before each")
+    parser.add_argument("--pool-idle-limit-ms", type=int, default=2000, help="pool, after idle: the server's limit")
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in args.variants if v not in VARIANT_POLICIES]
+    unknown = [v for v in args.variants if v not in VARIANT_POLICIES and v != POOL]
     if unknown:
         parser.error(f"unknown variants {unknown}")
+    if POOL in args.variants and args.variants != [POOL]:
+        parser.error("the pool variant runs in a process of its own: --variants=pool alone")
     if "redis" in args.variants and not args.redis_url:
         parser.error("the redis variant needs --redis-url")
 
     db = json.loads(sys.stdin.read())
     select_driver(args.driver)
+    if args.variants == [POOL]:
+        return pool_main(args, db)
     configure(db, args.idle_aliases)
     bench = Bench(args.driver)
     bench.create_table()
@@ -419,6 +429,40 @@ def main(argv: list[str] | None = None) -> int:
         },
         **measured,
     }
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    return 0
+
+
+def pool_main(args: argparse.Namespace, db: dict[str, Any]) -> int:
+    """The pool section (benchmarks.pool): its own DATABASES, one pooled alias per shape and policy."""
+    from benchmarks import pool
+
+    out: dict[str, Any] = {"driver": args.driver, "variant": POOL}
+    if args.driver != "psycopg":
+        out["skipped"] = "Django's pool needs psycopg 3"
+    else:
+        configure(db, databases=pool.databases(db, args.pool_idle_limit_ms))
+        out["skipped"] = pool.unavailable()
+    if out["skipped"] is None:
+        bench = Bench(args.driver)
+        bench.create_table()
+        out["versions"] = bench.versions()
+        import psycopg_pool
+
+        out["versions"]["psycopg_pool"] = psycopg_pool.__version__
+        bench.conn.close()
+        out["config"] = {
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "slice": args.slice,
+            "warmup": args.warmup,
+            "pool_messages": args.pool_messages,
+            "pool_gap": args.pool_gap,
+            "pool_idle_limit_ms": args.pool_idle_limit_ms,
+            "rows": ROWS,
+        }
+        out.update(pool.run(args))
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
     return 0

@@ -14,6 +14,10 @@ LABELS = {
     "freshconn": "freshconn",
     "freshconn_poll_never": "freshconn, socket poll off",
     "freshconn_poll_always": "freshconn, socket poll on every unit",
+    "pool": "pool alone (close_old_connections())",
+    "pool_again": "pool alone again (A/A control)",
+    "pool_health_checks": "pool + CONN_HEALTH_CHECKS",
+    "pool_freshconn": "pool + freshconn (units)",
 }
 COLORS = {
     "unsafe": "#9e9e9e",
@@ -276,6 +280,110 @@ def kill_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+POOL_BUSY_HEADERS = (
+    "driver",
+    "policy",
+    "pool's check",
+    "messages/s",
+    "ratio",
+    "ratio IQR",
+    "pings/1k units",
+    "connects/1k units",
+    "client CPU µs/msg",
+)
+POOL_IDLE_HEADERS = (
+    "driver",
+    "policy",
+    "pool's check",
+    "messages",
+    "failures",
+    "pings/msg",
+    "new connections/msg",
+    "first query ms (median, max)",
+    "time to the error ms (median)",
+)
+
+
+def pool_busy_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for driver, shapes in (results.get("pool") or {}).items():
+        if driver == "skipped":
+            continue
+        for policy in results["config"]["pool"]["policies"]["busy"]:
+            s = shapes["busy"][policy]
+            rows.append(
+                (
+                    driver,
+                    policy,
+                    s["check"],
+                    f"{s['rate']:.0f}",
+                    f"{s['ratio']:.3f}x",
+                    f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f}",
+                    f"{s['pings_per_1000']:.0f}",
+                    f"{s['connects_per_1000']:.0f}",
+                    f"{s['cpu_us_per_message']:.0f}",
+                )
+            )
+    return rows
+
+
+def pool_idle_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for driver, shapes in (results.get("pool") or {}).items():
+        if driver == "skipped":
+            continue
+        for policy in results["config"]["pool"]["policies"]["idle"]:
+            s = shapes["idle"][policy]
+            first = "-"
+            if s["first_query_ms_median"] is not None:
+                first = f"{s['first_query_ms_median']:.1f}, {s['first_query_ms_max']:.1f}"
+            rows.append(
+                (
+                    driver,
+                    policy,
+                    s["check"],
+                    str(s["messages"]),
+                    f"{s['failures']}/{s['messages']}",
+                    f"{s['pings_per_message']:.2f}",
+                    f"{s['connects_per_message']:.2f}",
+                    first,
+                    _num(s["error_ms_median"], ".1f"),
+                )
+            )
+    return rows
+
+
+def _pool_section(results: dict[str, Any], table: Callable[..., list[str]], heading: Callable[[str], str]) -> list[str]:
+    pool = results.get("pool")
+    if not pool:
+        return []
+    cfg = results["config"]["pool"]
+    if "skipped" in pool:
+        return [heading(f"pool: skipped: {pool['skipped']}"), ""]
+    opts = ", ".join(f"{k}={v}" for k, v in cfg["pool_options"].items())
+    out = [
+        heading(
+            f"pool, busy: Django's PostgreSQL pool ({opts}, CONN_MAX_AGE=0), back to back; "
+            "ratio = per-round rate / pool alone's"
+        ),
+        "",
+    ]
+    out += table(POOL_BUSY_HEADERS, pool_busy_rows(results), 3)
+    out.append("")
+    out += [
+        heading(
+            f"pool, after idle: each message after {cfg['gap_s']:g} s idle, past the server's "
+            f"idle_session_timeout of {cfg['idle_limit_ms']} ms; failures = errors that escaped to the worker"
+        ),
+        "",
+    ]
+    out += table(POOL_IDLE_HEADERS, pool_idle_rows(results), 3)
+    errors = sorted({e for d, s in pool.items() for p in s["idle"].values() for e in p["errors"]})
+    out += ["", *(f"  error: {e}" for e in errors)] if errors else []
+    out.append("")
+    return out
+
+
 def _text_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> list[str]:
     table = [headers, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
@@ -302,8 +410,8 @@ def _footer(results: dict[str, Any]) -> str:
             loads.append(f"{run['loadavg_before'][0]:.2f}")
             loads.append(f"{run['loadavg_after'][0]:.2f}")
     return (
-        f"medians of {plural(cfg['rounds'], 'interleaved round')} of {cfg['seconds']:g} s per policy; "
-        "ratio = median of per-round rate / unsafe rate, IQR = its interquartile range; "
+        f"medians of {plural(cfg['rounds'], 'interleaved round')} of {cfg['seconds']:g} s per policy; ratio = "
+        "median of per-round rate / unsafe rate (pool: / pool alone's), IQR = its interquartile range; "
         f"{m['cpu_count']} CPUs, load average {m['loadavg_start'][0]:.2f} at the start, "
         f"{m['loadavg_end'][0]:.2f} at the end (per driver process: {', '.join(loads)})"
     )
@@ -315,9 +423,12 @@ def _render(results: dict[str, Any], table: Callable[..., list[str]], heading: C
         out += [heading(f"{variant}: {variant_title(results, variant)}"), ""]
         out += table(HEADERS, _variant_rows(results, variant), 2)
         out.append("")
-    out += [heading("freshconn against the targets (issue 10)"), ""]
-    out += table(TARGET_HEADERS, target_rows(results), 2)
-    out.append("")
+    out += _pool_section(results, table, heading)
+    targets = target_rows(results)
+    if targets:
+        out += [heading("freshconn against the targets (issue 10)"), ""]
+        out += table(TARGET_HEADERS, targets, 2)
+        out.append("")
     instr = instruction_rows(results)
     if instr:
         out += [

@@ -1,6 +1,6 @@
 """The benchmark's parent process: servers, the child processes per driver, the summaries, JSON, tables, chart.
 
-Usage: python -m benchmarks [--quick] [--drivers mysqlclient,psycopg] [--variants loop,gap,redis,idle_aliases] ...
+Usage: python -m benchmarks [--quick] [--drivers mysqlclient,psycopg] [--variants loop,gap,redis,idle_aliases,pool] ...
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import instructions
-from benchmarks.child import DRIVERS, VARIANT_POLICIES, VARIANTS
+from benchmarks import pool as pool_section
+from benchmarks.child import DRIVERS, POOL, VARIANT_POLICIES, VARIANTS
 from benchmarks.report import plural, render_chart, render_markdown, render_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,10 @@ DOCS_CHART = ROOT / "docs" / "img" / "benchmark.png"
 VENDOR = {"mysqlclient": "mysql", "pymysql": "mysql", "psycopg": "postgresql", "psycopg2": "postgresql"}
 #: The variants that share one process per driver; "idle_aliases" needs its own (DATABASES differs).
 SHARED = ("loop", "gap", "redis")
+#: Every variant the command runs: the four above, and Django's PostgreSQL pool (psycopg 3 only, its own process).
+ALL_VARIANTS = (*VARIANTS, POOL)
+#: The one driver Django's pool runs on.
+POOL_DRIVER = "psycopg"
 
 
 def log(msg: str) -> None:
@@ -216,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         "--drivers", nargs="+", default=[",".join(DRIVERS)], help=f"any of {', '.join(DRIVERS)} (default: all)"
     )
     parser.add_argument(
-        "--variants", nargs="+", default=[",".join(VARIANTS)], help=f"any of {', '.join(VARIANTS)} (default: all)"
+        "--variants",
+        nargs="+",
+        default=[",".join(ALL_VARIANTS)],
+        help=f"any of {', '.join(ALL_VARIANTS)} (default: all; pool runs on psycopg only)",
     )
     parser.add_argument("--gap-us", type=float, default=100.0, help="idle gap before each message, gap variant (100)")
     parser.add_argument("--idle-aliases", type=int, default=20, help="aliases configured, never connected (20)")
@@ -231,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         help="count instructions per unit with callgrind (default: on, except --quick; needs valgrind)",
     )
     parser.add_argument("--instr-units", type=int, default=150, help="messages per callgrind case (150)")
+    parser.add_argument("--pool-messages", type=int, help="pool, after idle: messages per policy (default 10; quick 1)")
+    parser.add_argument(
+        "--pool-gap", type=float, default=2.5, help="pool, after idle: seconds idle before each message (2.5)"
+    )
+    parser.add_argument(
+        "--pool-idle-limit-ms",
+        type=int,
+        default=2000,
+        help="pool, after idle: the server's idle_session_timeout for those sessions, ms (2000)",
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument(
         "--chart",
@@ -240,15 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     drivers = parse_list(args.drivers, DRIVERS, "driver")
-    variants = parse_list(args.variants, VARIANTS, "variant")
+    variants = parse_list(args.variants, ALL_VARIANTS, "variant")
     if args.seconds is None:
         args.seconds = 0.04 if args.quick else 0.4
     if args.rounds is None:
         args.rounds = 3 if args.quick else 16
     if args.kill_trials is None:
         args.kill_trials = 2 if args.quick else 10
+    if args.pool_messages is None:
+        args.pool_messages = 1 if args.quick else 10
+    if args.pool_messages < 1 or args.pool_idle_limit_ms < 1 or args.pool_gap * 1000 <= args.pool_idle_limit_ms:
+        parser.error("--pool-messages must be >= 1, and --pool-gap longer than --pool-idle-limit-ms")
     if args.instructions is None:
-        args.instructions = not args.quick and shutil.which("valgrind") is not None
+        # Instructions are counted for the shared loop's policies: nothing to count for the pool alone.
+        only_pool = variants == [POOL]
+        args.instructions = not args.quick and not only_pool and shutil.which("valgrind") is not None
     elif args.instructions and shutil.which("valgrind") is None:
         parser.error("--instructions needs valgrind (apt-get install valgrind)")
     if args.seconds <= 0 or args.slice <= 0 or args.rounds < 1 or args.gap_us <= 0 or args.idle_aliases < 1:
@@ -260,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     chart = args.chart
     if chart is None:
-        full = not args.quick and args.out is None and drivers == list(DRIVERS) and variants == list(VARIANTS)
+        full = not args.quick and args.out is None and drivers == list(DRIVERS) and variants == list(ALL_VARIANTS)
         chart = DOCS_CHART if full else out_dir / "benchmark.png"
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -286,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         f"--gap-us={args.gap_us}",
     ]
     shared = [v for v in variants if v in SHARED]
+    run_pool = POOL in variants and POOL_DRIVER in drivers
+    if POOL in variants and not run_pool:
+        log(f"pool: Django's pool runs on {POOL_DRIVER} only, which --drivers leaves out: skipped")
     try:
         for vendor in dict.fromkeys(VENDOR[d] for d in drivers):
             log(f"starting a throwaway {'MariaDB' if vendor == 'mysql' else 'PostgreSQL'} server ...")
@@ -316,6 +343,29 @@ def main(argv: list[str] | None = None) -> int:
                     opts = [*common, "--variants=idle_aliases", f"--idle-aliases={args.idle_aliases}"]
                     runs["idle_aliases"] = run_child(driver, db, os.path.join(workdir, f"{driver}-aliases.json"), opts)
                     runs["idle_aliases"].update(loadavg_before=before, loadavg_after=os.getloadavg())
+                if run_pool and driver == POOL_DRIVER:
+                    log(
+                        f"{driver}: pool, busy: {args.rounds} rounds x {args.seconds:g} s per policy; after idle: "
+                        f"{args.pool_messages} messages per policy, each after {args.pool_gap:g} s idle "
+                        f"(server limit {args.pool_idle_limit_ms} ms)"
+                    )
+                    before = os.getloadavg()
+                    opts = [
+                        *common,
+                        f"--variants={POOL}",
+                        f"--pool-messages={args.pool_messages}",
+                        f"--pool-gap={args.pool_gap}",
+                        f"--pool-idle-limit-ms={args.pool_idle_limit_ms}",
+                    ]
+                    pool_started = time.monotonic()
+                    runs[POOL] = run_child(driver, db, os.path.join(workdir, f"{driver}-pool.json"), opts)
+                    runs[POOL].update(
+                        loadavg_before=before,
+                        loadavg_after=os.getloadavg(),
+                        wall_seconds=round(time.monotonic() - pool_started, 1),
+                    )
+                    if runs[POOL].get("skipped"):
+                        log(f"pool: skipped: {runs[POOL]['skipped']}")
                 children[driver] = runs
             if args.instructions:
                 for driver in drivers:
@@ -343,7 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = os.getloadavg()
 
     summary: dict[str, dict[str, Any]] = {}
+    pool_run = children.get(POOL_DRIVER, {}).get(POOL) if run_pool else None
+    pool_summary: dict[str, Any] | None = None
+    if pool_run is not None:
+        pool_summary = (
+            {"skipped": pool_run["skipped"]}
+            if pool_run.get("skipped")
+            else {POOL_DRIVER: pool_section.summarize(pool_run)}
+        )
     for variant in variants:
+        if variant == POOL:
+            continue
         key = "idle_aliases" if variant == "idle_aliases" else "shared"
         summary[variant] = {d: summarize(children[d][key]["variants"][variant]) for d in drivers}
     results = {
@@ -354,7 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "config": {
             "variants": variants,
-            "policies": {v: list(VARIANT_POLICIES[v]) for v in variants},
+            "policies": {v: list(VARIANT_POLICIES[v]) for v in variants if v != POOL},
+            "pool": {
+                "driver": POOL_DRIVER,
+                "policies": {"busy": list(pool_section.BUSY_POLICIES), "idle": list(pool_section.IDLE_POLICIES)},
+                "pool_options": pool_section.POOL_OPTIONS,
+                "messages": args.pool_messages,
+                "gap_s": args.pool_gap,
+                "idle_limit_ms": args.pool_idle_limit_ms,
+            }
+            if run_pool
+            else None,
             "gap_us": args.gap_us,
             "idle_aliases": args.idle_aliases,
             "seconds": args.seconds,
@@ -364,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "instr_units": args.instr_units if args.instructions else None,
         },
         "summary": summary,
+        "pool": pool_summary,
         "kill_trials": {d: children[d].get("shared", {}).get("kill_trials", {}) for d in drivers},
         "instructions": counted,
         "breakdown": pieces,
@@ -373,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = render_table(results)
     (out_dir / "results.md").write_text(render_markdown(results))
-    chart.parent.mkdir(parents=True, exist_ok=True)
-    render_chart(results, chart)
+    wrote = [str(out_dir / "results.json"), str(out_dir / "results.md")]
+    if summary:  # the chart has one panel per variant of the shared processes (none with --variants pool)
+        chart.parent.mkdir(parents=True, exist_ok=True)
+        render_chart(results, chart)
+        wrote.append(str(chart))
     print(table)
-    log(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'} and {chart}")
+    log(f"\nwrote {', '.join(wrote)}")
     return 0

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import django
 import pytest
 
 from tests.conftest import DRIVER, ROOT
@@ -26,11 +27,16 @@ VARIANTS = {
     "redis": BASE | {"freshconn_poll_never"},
     "idle_aliases": BASE,
 }
+POOL_BUSY = {"pool", "pool_again", "pool_health_checks", "pool_freshconn"}
+POOL_IDLE = {"pool", "pool_health_checks", "pool_freshconn"}
+needs_pool = pytest.mark.skipif(
+    DRIVER != "psycopg" or django.VERSION < (5, 1), reason="Django's pool needs psycopg 3 and Django 5.1+"
+)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """One quick run of every variant (loop, gap, Redis, idle aliases) for this driver, without callgrind."""
+    """One quick run of every variant (loop, gap, Redis, idle aliases, pool on psycopg), this driver, no callgrind."""
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
@@ -40,13 +46,15 @@ def results(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "benchmark.png").stat().st_size > 0
     assert "freshconn against the targets" in (out / "results.md").read_text()
-    return json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    data["_out"] = out
+    return data
 
 
 def test_quick_benchmark_reports_every_variant_and_policy(results):
@@ -109,3 +117,56 @@ def test_kill_trials_without_the_poll_fail_the_next_unit(results):
         # "at once"): never more failures than trials, and each seen KILL discarded the connection.
         assert 0 <= kills[case]["failed_units"] <= n
         assert kills[case]["discarded_dead"] + kills[case]["discarded_error"] == n
+
+
+@needs_pool
+def test_pool_section_reports_three_policies_and_the_control_in_both_shapes(results):
+    """The pool section ran on psycopg: its two tables, every policy, each pool with the check its policy says."""
+    pool = results["pool"][DRIVER]
+    assert set(pool["busy"]) == POOL_BUSY
+    assert set(pool["idle"]) == POOL_IDLE
+    checks = {p: s["check"] for p, s in pool["busy"].items()}
+    assert checks == {
+        "pool": "none",
+        "pool_again": "none",
+        "pool_health_checks": "psycopg_pool.check_connection",
+        "pool_freshconn": "freshconn",
+    }
+    for policy, s in pool["busy"].items():
+        assert s["rate"] > 0, policy
+        assert s["units"] > 0, policy
+    for policy, s in pool["idle"].items():
+        assert s["messages"] == results["config"]["pool"]["messages"], policy
+    md = (results["_out"] / "results.md").read_text()
+    assert "**pool, busy:" in md
+    assert "**pool, after idle:" in md
+    for policy in POOL_BUSY:
+        assert f"| {DRIVER} | {policy} |" in md, policy
+
+
+@needs_pool
+def test_pool_busy_freshconn_sends_no_round_trip_and_health_checks_one_per_checkout(results):
+    """Busy: freshconn's check hands the connection out with 0 pings; Django's health checks ping at every checkout."""
+    busy = results["pool"][DRIVER]["busy"]
+    assert busy["pool_freshconn"]["pings_per_1000"] == 0
+    assert busy["pool_health_checks"]["pings_per_1000"] == 1000
+    assert busy["pool"]["pings_per_1000"] == 0
+    for policy, s in busy.items():
+        assert s["connects"] == 0, policy  # the pool's connection is reused, whoever checks it
+    # freshconn's units are counted by freshconn itself: one per message.
+    assert busy["pool_freshconn"]["units"] == busy["pool_freshconn"]["messages"]
+
+
+@needs_pool
+def test_pool_after_idle_freshconn_never_fails_and_the_pool_alone_does(results):
+    """After idling past the server's limit: freshconn 0 failures, 0 pings; the pool alone hands out dead ones."""
+    idle = results["pool"][DRIVER]["idle"]
+    fc, hc, alone = idle["pool_freshconn"], idle["pool_health_checks"], idle["pool"]
+    assert fc["failures"] == 0, fc["errors"]
+    assert fc["pings_per_message"] == 0  # dropped by its idle time, without a round trip
+    assert fc["connects_per_message"] >= 1  # the server closed it: a new one is unavoidable
+    assert fc["connects"] == fc["pool_connections_num"]  # freshconn's count agrees with the pool's
+    assert hc["failures"] == 0, hc["errors"]
+    assert hc["pings_per_message"] >= 1  # a round trip at every checkout, and one more per dead connection
+    assert alone["failures"] == alone["messages"]
+    assert all("idle-session timeout" in e for e in alone["errors"]), alone["errors"]

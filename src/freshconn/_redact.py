@@ -132,8 +132,10 @@ SUMMARIES: dict[str, str] = {
 }
 #: Kinds that are mistakes in the settings themselves: nothing was sent to the server.
 SETTINGS_KINDS = frozenset({"options_rejected", "settings_rejected", "encoding"})
-#: Kinds where the server answered and refused this client: waiting for it cannot help.
-REFUSAL_KINDS = frozenset({"authentication_failed", "access_denied", "unknown_database"}) | SETTINGS_KINDS
+#: Kinds where the server answered and refused this client: waiting for it cannot help. A TLS
+#: failure is one (TLS required but not offered, an untrusted or mismatched certificate: MySQL 2026,
+#: libpq's wording); a TLS session cut short (EOF, SSL SYSCALL) is "connection_lost" instead.
+REFUSAL_KINDS = frozenset({"authentication_failed", "access_denied", "unknown_database", "tls"}) | SETTINGS_KINDS
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ _PG_MESSAGES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"connection refused", "connection_refused"),
         (r"timeout expired|timed out", "timeout"),
         (r"no route to host|network is unreachable", "network_unreachable"),
+        (r"ssl syscall error|eof detected|ssl connection has been closed unexpectedly", "connection_lost"),
         (r"ssl|certificate|tls", "tls"),
         (r"server closed the connection|could not receive data|could not send data|terminating", "connection_lost"),
     )

@@ -123,6 +123,7 @@ SUMMARIES: dict[str, str] = {
     "network_unreachable": "there is no network route to that host",
     "too_many_connections": "the server refuses new connections: too many are open",
     "server_unavailable": "the server is starting up, shutting down or in recovery",
+    "no_writable_host": "no host offered the session target_session_attrs asks for (e.g. all read-only)",
     "tls": "the TLS handshake or certificate check failed",
     "connection_lost": "the server (or something in between) closed the connection",
     "options_rejected": "the driver rejected the connection options before connecting",
@@ -209,6 +210,11 @@ _PG_MESSAGES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"pg_hba\.conf|permission denied for database|not permitted to log in", "access_denied"),
         (r"too many clients|remaining connection slots|too many connections", "too_many_connections"),
         (r"starting up|shutting down|in recovery mode|not yet accepting connections", "server_unavailable"),
+        # libpq's target_session_attrs found no host of the wanted kind: a failover may still promote one.
+        (
+            r"session is read-only|session is not read-only|server is in hot standby|server is not in hot standby",
+            "no_writable_host",
+        ),
         (r"translate host name|resolve host|name or service not known|name resolution|nodename", "unknown_host"),
         (r"connection refused", "connection_refused"),
         (r"timeout expired|timed out", "timeout"),

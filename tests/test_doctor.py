@@ -241,6 +241,7 @@ def test_json_shape(server: Server) -> None:
     assert doc["driver"]["name"] == DRIVER_NAME
     assert (doc["lifetime"], doc["lifetime_source"]) == (1800, "default")
     server_keys = "product version port tls connect_ms idle_limit max_connections connections_used limits"
+    server_keys += " read_only read_only_because"
     assert set(doc["server"]) == set(server_keys.split())
     limits = {"mysql": {"wait_timeout", "net_read_timeout", "max_allowed_packet"}, "postgresql": {"tcp_user_timeout"}}
     assert limits[VENDOR] <= set(doc["server"]["limits"])

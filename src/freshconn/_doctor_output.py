@@ -47,6 +47,8 @@ def _db_json(rep: AliasReport) -> dict[str, Any]:
             "max_connections": facts.max_connections,
             "connections_used": facts.connections_used,
             "limits": facts.limits,
+            "read_only": facts.read_only,
+            "read_only_because": facts.read_only_because,
         },
         "django": {
             "CONN_MAX_AGE": s.conn_max_age,
@@ -160,6 +162,7 @@ def _db_text(rep: AliasReport) -> list[str]:
             limits[0] += f" (global {facts.limits['wait_timeout_global']}s)"
         limits += [
             f"TLS {'on' if facts.tls else 'off'}",
+            *([f"writes refused ({', '.join(facts.read_only_because)})"] if facts.read_only else []),
             f"connections {facts.connections_used}/{facts.max_connections}",
             f"connect {facts.connect_seconds * 1000:.1f} ms",
         ]

@@ -31,15 +31,26 @@ __all__ = [
     "is_unsent",
 ]
 
-# MySQL / MariaDB client (2xxx) and server error codes that mean the session is gone.
+# MySQL / MariaDB client (2xxx) and server error codes that mean the session is gone, or that no
+# session could be opened because the server cannot be reached (nothing was sent: a unit may wait
+# for it, see _outage). Checked against libmariadb's errmsg.h, PyMySQL's constants/CR.py and
+# mysql-connector-python's errorcode.py / network.py; tests/test_error_codes.py triggers each one
+# the test bed can produce. Deliberately absent: 2005 CR_UNKNOWN_HOST (a wrong HOST, or DNS: not a
+# dead session; the doctor reports it), 2012 CR_SERVER_HANDSHAKE_ERR (a greeting the client cannot
+# parse: another service on that port; a handshake the server or a proxy drops is 2013 in every
+# driver), 2026 CR_SSL_CONNECTION_ERROR (client and server disagree on TLS or the certificate: a
+# refusal that waiting cannot fix, see _redact.REFUSAL_KINDS), 1317 ER_QUERY_INTERRUPTED (KILL
+# QUERY: the statement was cancelled, the session lives on).
 MYSQL_DISCONNECT_CODES = frozenset(
     {
-        2002,  # CR_CONNECTION_ERROR: cannot connect through the socket
-        2003,  # CR_CONN_HOST_ERROR: cannot connect to the server
+        2001,  # CR_SOCKET_CREATE_ERROR: socket() for the unix socket failed (e.g. EMFILE): nothing sent
+        2002,  # CR_CONNECTION_ERROR: cannot connect through the socket (libmariadb: over TCP too)
+        2003,  # CR_CONN_HOST_ERROR: cannot connect to the server (PyMySQL: any OSError while connecting)
+        2004,  # CR_IPSOCK_ERROR: socket() for TCP failed (e.g. EMFILE); PyMySQL reports the same as 2003
         2006,  # CR_SERVER_GONE_ERROR: failed while sending (the statement never ran)
         2013,  # CR_SERVER_LOST: lost during the query (the statement MAY have run)
         2014,  # CR_COMMANDS_OUT_OF_SYNC: protocol state broken, the session is unusable
-        2055,  # CR_SERVER_LOST_EXTENDED
+        2055,  # CR_SERVER_LOST_EXTENDED: mysql-connector-python, a send on a dead socket (EPIPE)
         1053,  # ER_SERVER_SHUTDOWN
         1158,  # ER_NET_READ_ERROR
         1159,  # ER_NET_READ_INTERRUPTED
@@ -80,6 +91,7 @@ _PG_CLIENT_MESSAGES = (
     "connection refused",
     "could not connect to server",
     "connection to server at",
+    "connection to server on socket",  # libpq, a unix socket: psycopg2 has no other sign of it
     "connection timeout expired",
 )
 

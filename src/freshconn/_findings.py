@@ -103,6 +103,16 @@ CATALOGUE: tuple[Finding, ...] = (
        "aliases on one server exceeds its `max_connections` (`doctor --concurrency N`, `freshconn.checks."
        "check_concurrency(N)`, Celery workers at start)",
        "lower the concurrency, raise `max_connections`, or put a pooler (PgBouncer, ProxySQL) in front"),
+    _f("W011", "server-read-only", "warning", "server",
+       "the server refuses writes from this alias's sessions: MySQL/MariaDB `read_only` (users without SUPER / READ "
+       "ONLY ADMIN), `super_read_only` or a read-only session; PostgreSQL a standby (`pg_is_in_recovery()`) or "
+       "`default_transaction_read_only`",
+       "point the alias at the primary (the writer endpoint); PostgreSQL with several hosts: "
+       "`OPTIONS['target_session_attrs'] = 'read-write'`"),
+    _f("W012", "multi-host-without-target-session-attrs", "warning", "settings",
+       "PostgreSQL `HOST` lists several hosts (`'db1,db2'`) without `target_session_attrs`: libpq's default `any` "
+       "settles on the first host that answers, a standby after a failover, and every write then fails",
+       "`OPTIONS['target_session_attrs'] = 'read-write'` (a reader alias: `'prefer-standby'` or `'read-only'`)"),
     _f("I001", "no-connect-timeout", "note", "settings",
        "no `connect_timeout` (PyMySQL defaults to 10 s, so not for it): a connect to an unreachable server waits "
        "about two minutes",

@@ -35,8 +35,13 @@ _MYSQL_SESSION = (
     "idle_transaction_timeout",
     "have_ssl",
     "port",
+    # A session made read-only (init_command, a proxy's reader endpoint): MariaDB < 11.1 names it
+    # tx_read_only, MySQL 8 and MariaDB >= 11.1 transaction_read_only.
+    "tx_read_only",
+    "transaction_read_only",
 )
-_MYSQL_GLOBAL = ("wait_timeout", "interactive_timeout", "max_connections")
+# read_only binds users without SUPER (MariaDB: READ ONLY ADMIN); super_read_only (MySQL) binds all.
+_MYSQL_GLOBAL = ("wait_timeout", "interactive_timeout", "max_connections", "read_only", "super_read_only")
 _PG_SETTINGS = (
     "idle_session_timeout",
     "idle_in_transaction_session_timeout",
@@ -67,6 +72,17 @@ class ServerFacts:
     max_connections: int | None = None
     connections_used: int | None = None
     limits: dict[str, float | int | str | None] = field(default_factory=dict)
+    #: The server refuses writes from this alias's sessions (None: not known), and the settings
+    #: that say so, e.g. ["read_only"], ["pg_is_in_recovery()"] (a hot standby).
+    read_only: bool | None = None
+    read_only_because: list[str] = field(default_factory=list)
+
+
+def _on(value: Any) -> bool:
+    """A server flag's value as MySQL or PostgreSQL shows it (ON, 1, on, true, NO_LOCK...) is set."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode(errors="replace")
+    return value is not None and str(value).strip().lower() not in ("", "0", "off", "false", "no")
 
 
 def open_raw(alias: str, extra_options: dict[str, Any] | None = None) -> Any:
@@ -155,6 +171,15 @@ def _mysql(raw: Any, connect_seconds: float) -> ServerFacts:
     if "idle_transaction_timeout" in session:  # MariaDB only
         limits["idle_transaction_timeout"] = _number(session["idle_transaction_timeout"])
     wait = limits["wait_timeout"]
+    # super_read_only implies read_only; tx_read_only and transaction_read_only are one setting.
+    because = [
+        next(n for n in names if _on(source.get(n)))
+        for source, names in (
+            (glob, ("super_read_only", "read_only")),
+            (session, ("transaction_read_only", "tx_read_only")),
+        )
+        if any(_on(source.get(n)) for n in names)
+    ]
     port = _number(session.get("port"))
     max_conn = _number(glob.get("max_connections"))
     used = _number(status.get("Threads_connected"))
@@ -168,6 +193,8 @@ def _mysql(raw: Any, connect_seconds: float) -> ServerFacts:
         max_connections=max_conn if isinstance(max_conn, int) else None,
         connections_used=used if isinstance(used, int) else None,
         limits=limits,
+        read_only=bool(because) if "read_only" in glob else None,
+        read_only_because=because,
     )
 
 
@@ -189,11 +216,24 @@ def _postgresql(raw: Any, connect_seconds: float) -> ServerFacts:
             value = _number(convert(float(value)))
         settings[str(name)] = value
     settings = {name: settings[name] for name in _PG_SETTINGS if name in settings}
-    version, port, used = _rows(
+    version, port, used, recovery, default_ro, tx_ro = _rows(
         raw,
         "SELECT current_setting('server_version'), inet_server_port(), "
-        "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+        "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), "
+        "pg_is_in_recovery(), current_setting('default_transaction_read_only'), "
+        "current_setting('transaction_read_only')",
     )[0]
+    because = [
+        name
+        for name, value in (
+            ("pg_is_in_recovery()", recovery),
+            ("default_transaction_read_only", default_ro),
+            ("transaction_read_only", tx_ro),
+        )
+        if _on(value)
+    ]
+    if len(because) > 1:
+        because.remove("transaction_read_only")  # it only follows from the others
     idle = settings.get("idle_session_timeout")
     max_conn = settings.pop("max_connections", None)
     tls = settings.pop("ssl", None)
@@ -208,6 +248,8 @@ def _postgresql(raw: Any, connect_seconds: float) -> ServerFacts:
         max_connections=max_conn if isinstance(max_conn, int) else None,
         connections_used=int(used) if used is not None else None,
         limits=settings,
+        read_only=bool(because),
+        read_only_because=because,
     )
 
 

@@ -143,6 +143,18 @@ def settings_hits(s: AliasSettings, cfg: conf.Config | None) -> list[Hit]:
                 "freshconn's check (idle-aware: no round trip for a connection used moments ago).",
             )
         )
+    if multi_host(s) and "target_session_attrs" not in s.option_names:
+        found.append(
+            hit(
+                "multi-host-without-target-session-attrs",
+                alias,
+                f"HOST lists {len(_hosts(s))} hosts but OPTIONS has no target_session_attrs: libpq connects to the "
+                "first host that answers, whatever its role, so after a failover (or a restart of the primary) a "
+                "reconnect can settle on a standby, where every write fails.",
+                f"Set {_db(alias, 'OPTIONS', 'target_session_attrs')} = 'read-write' (an alias meant for reads: "
+                "'prefer-standby' or 'read-only').",
+            )
+        )
     if "connect_timeout" not in s.timeouts and s.driver != "pymysql":  # PyMySQL defaults to 10 s
         found.append(
             hit(
@@ -154,6 +166,15 @@ def settings_hits(s: AliasSettings, cfg: conf.Config | None) -> list[Hit]:
             )
         )
     return found
+
+
+def _hosts(s: AliasSettings) -> list[str]:
+    return [h for h in (s.host or "").split(",") if h.strip()]
+
+
+def multi_host(s: AliasSettings) -> bool:
+    """A PostgreSQL HOST with several comma-separated hosts (libpq tries them in turn)."""
+    return s.vendor == "postgresql" and "=" not in (s.host or "") and len(_hosts(s)) > 1
 
 
 _FAILURE_FIXES = {
@@ -172,6 +193,8 @@ _FAILURE_FIXES = {
     "too_many_connections": "Raise the server's max_connections, put a pooler in front, or run fewer workers.",
     "server_unavailable": "Run again once the server has started or failed over (FRESHCONN['RECONNECT_TIMEOUT'] "
     "lets units wait for that).",
+    "no_writable_host": "Check that the primary is among {db}['HOST'] and accepts connections: "
+    "OPTIONS['target_session_attrs'] skips the hosts that are read-only or standbys.",
     "tls": "Check the ssl*/sslmode OPTIONS of {db} against the server's TLS setup (certificate, CA).",
     "connection_lost": "Check that {db}['HOST'] and ['PORT'] point at the database server itself, and its log.",
     "failed": "Check {db}['HOST'], ['PORT'], ['NAME'], ['USER'] and ['PASSWORD'], and the server's log.",
@@ -274,6 +297,28 @@ def server_hits(s: AliasSettings, facts: ServerFacts, *, probed: bool = False) -
                 f"This process connects to port {configured} but the server listens on {facts.port}: a proxy, "
                 "pooler or port forward sits between them, with idle rules the server does not know.",
                 "Measure the real idle limit: `manage.py freshconn doctor --probe-idle 3600`.",
+            )
+        )
+    if facts.read_only:
+        why = ", ".join(facts.read_only_because) or "read-only"
+        standby = "pg_is_in_recovery()" in facts.read_only_because
+        fix = f"Point {_db(alias, 'HOST')} at the primary (the writer endpoint of a cluster, not a reader or a standby)"
+        if multi_host(s) and "target_session_attrs" not in s.option_names:
+            fix += (
+                f", and set {_db(alias, 'OPTIONS', 'target_session_attrs')} = 'read-write' so that libpq skips "
+                "the hosts that refuse writes"
+            )
+        elif s.vendor == "mysql" and not standby:
+            fix += ", or make this server writable again (SET GLOBAL read_only = OFF) if it is the primary"
+        found.append(
+            hit(
+                "server-read-only",
+                alias,
+                f"The server refuses writes from this alias's sessions ({why}"
+                + ("; a hot standby" if standby else "")
+                + "): every INSERT, UPDATE, DELETE or DDL fails with a read-only error (freshconn discards such a "
+                "connection; a unit's retries only help once the alias reaches a writable node).",
+                fix + ".",
             )
         )
     in_tx = facts.limits.get("idle_in_transaction_session_timeout") or facts.limits.get("idle_transaction_timeout")

@@ -123,6 +123,7 @@ SUMMARIES: dict[str, str] = {
     "network_unreachable": "there is no network route to that host",
     "too_many_connections": "the server refuses new connections: too many are open",
     "server_unavailable": "the server is starting up, shutting down or in recovery",
+    "no_writable_host": "no host offered the session target_session_attrs asks for (e.g. all read-only)",
     "tls": "the TLS handshake or certificate check failed",
     "connection_lost": "the server (or something in between) closed the connection",
     "options_rejected": "the driver rejected the connection options before connecting",
@@ -132,8 +133,10 @@ SUMMARIES: dict[str, str] = {
 }
 #: Kinds that are mistakes in the settings themselves: nothing was sent to the server.
 SETTINGS_KINDS = frozenset({"options_rejected", "settings_rejected", "encoding"})
-#: Kinds where the server answered and refused this client: waiting for it cannot help.
-REFUSAL_KINDS = frozenset({"authentication_failed", "access_denied", "unknown_database"}) | SETTINGS_KINDS
+#: Kinds where the server answered and refused this client: waiting for it cannot help. A TLS
+#: failure is one (TLS required but not offered, an untrusted or mismatched certificate: MySQL 2026,
+#: libpq's wording); a TLS session cut short (EOF, SSL SYSCALL) is "connection_lost" instead.
+REFUSAL_KINDS = frozenset({"authentication_failed", "access_denied", "unknown_database", "tls"}) | SETTINGS_KINDS
 
 
 @dataclass(frozen=True)
@@ -207,10 +210,16 @@ _PG_MESSAGES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"pg_hba\.conf|permission denied for database|not permitted to log in", "access_denied"),
         (r"too many clients|remaining connection slots|too many connections", "too_many_connections"),
         (r"starting up|shutting down|in recovery mode|not yet accepting connections", "server_unavailable"),
+        # libpq's target_session_attrs found no host of the wanted kind: a failover may still promote one.
+        (
+            r"session is read-only|session is not read-only|server is in hot standby|server is not in hot standby",
+            "no_writable_host",
+        ),
         (r"translate host name|resolve host|name or service not known|name resolution|nodename", "unknown_host"),
         (r"connection refused", "connection_refused"),
         (r"timeout expired|timed out", "timeout"),
         (r"no route to host|network is unreachable", "network_unreachable"),
+        (r"ssl syscall error|eof detected|ssl connection has been closed unexpectedly", "connection_lost"),
         (r"ssl|certificate|tls", "tls"),
         (r"server closed the connection|could not receive data|could not send data|terminating", "connection_lost"),
     )

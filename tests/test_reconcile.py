@@ -183,3 +183,37 @@ def test_wait_until_settled_after_the_server_rolled_the_commit_back(dbconf, comm
     commit_hold.release()
     relay.close_backends()
     assert commit_hold.rows("settle-2") == 0
+
+
+def test_wait_until_settled_counts_a_server_restart_after_the_commit_as_settled(live, server):
+    """A server restarted after the COMMIT was sent settles it, even when a new session carries the lost one's id."""
+    from freshconn._sessions import side_session
+
+    # Stand-in for "a new session took the lost session's id" (MariaDB numbers sessions from 1
+    # again after a restart): the id of a session that is alive, so only the restart can tell.
+    def error_for_a_live_session(sent_at: float) -> tuple[freshconn.AmbiguousCommitError, Any]:
+        holder = side_session("default")
+        raw, vendor = holder.__enter__()
+        cursor = raw.cursor()
+        cursor.execute("SELECT CONNECTION_ID()" if vendor == "mysql" else "SELECT pg_backend_pid()")
+        backend = int(cursor.fetchone()[0])
+        cursor.close()
+        exc = freshconn.AmbiguousCommitError("lost")
+        exc.alias, exc.backend_id, exc.sent_at = "default", backend, sent_at
+        return exc, holder
+
+    exc, holder = error_for_a_live_session(time.monotonic())
+    try:
+        assert exc.wait_until_settled(timeout=0.5) is False  # no restart: the session is still listed
+    finally:
+        holder.__exit__(None, None, None)
+
+    sent_at = time.monotonic()
+    time.sleep(1.5)  # the restart must come measurably after the COMMIT (MySQL's uptime is whole seconds)
+    server.restart()
+    connection.close()
+    exc, holder = error_for_a_live_session(sent_at)
+    try:
+        assert exc.wait_until_settled(timeout=5) is True
+    finally:
+        holder.__exit__(None, None, None)

@@ -350,6 +350,40 @@ def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, com
         assert counters()["not_retried_unsafe"] == 1
 
 
+def test_a_reconcile_read_while_handling_ambiguous_commit_is_retried(live, server, commit_blocker):
+    """A retrying read run inside ``except AmbiguousCommitError`` is retried after its own disconnect."""
+    reads = []
+
+    @freshconn.unit_of_work(retries=3)
+    def lost_commit() -> None:
+        with transaction.atomic():
+            Order.objects.create(ref="amb-2")
+            _block_commits(commit_blocker)
+            killer = KillWhen(server, backend_id(), "commit")
+            killer.start()
+        killer.join()
+
+    @freshconn.unit_of_work(retries=2)
+    def applied() -> bool:
+        reads.append(1)
+        found = Order.objects.filter(ref="amb-2").exists()
+        if len(reads) == 1:
+            kill_connection()  # the reconcile loses its connection too (a restart in progress)
+            Order.objects.count()
+        return found
+
+    outcome = None
+    try:
+        lost_commit()
+    except freshconn.AmbiguousCommitError:
+        # The read's disconnect has the AmbiguousCommitError as its __context__: not a COMMIT of its own.
+        outcome = applied()
+    assert outcome is False
+    assert len(reads) == 2
+    assert counters()["ambiguous_commits"] == 1
+    assert counters()["retries"] == 1
+
+
 def test_no_silent_reconnect_inside_an_atomic_block(live):
     """After a kill inside atomic, the block stays failed (Django's semantics): nothing reconnects mid-transaction."""
     from django.db.transaction import TransactionManagementError

@@ -125,14 +125,20 @@ class AmbiguousCommitError(OperationalError):
 
     alias: str = "default"
     backend_id: int | None = None
+    #: ``time.monotonic()`` when the COMMIT was sent (at the latest), None when unknown.
+    sent_at: float | None = None
 
     def wait_until_settled(self, timeout: float = 30.0) -> bool:
-        """Wait until the server no longer has the lost session; False if unknown or still there at ``timeout``."""
+        """Wait until the server no longer has the lost session; False if unknown or still there at ``timeout``.
+
+        A server restarted since the COMMIT was sent counts as settled: MariaDB and MySQL number
+        sessions from 1 again after a restart, so a new session may carry the lost one's id.
+        """
         from ._sessions import wait_session_gone
 
         if self.backend_id is None:
             return False
-        return wait_session_gone(self.alias, self.backend_id, timeout)
+        return wait_session_gone(self.alias, self.backend_id, timeout, since=self.sent_at)
 
 
 class ReconnectStopped(OperationalError):

@@ -16,7 +16,7 @@ from django.db import connections
 
 from ._drivers import set_autocommit
 
-__all__ = ["session_exists", "side_session", "wait_session_gone"]
+__all__ = ["server_uptime", "session_exists", "side_session", "wait_session_gone"]
 
 
 @contextlib.contextmanager
@@ -46,12 +46,29 @@ def session_exists(raw: Any, vendor: str, backend: int) -> bool:
         cursor.close()
 
 
-def wait_session_gone(alias: str, backend: int, timeout: float) -> bool:
+def server_uptime(raw: Any, vendor: str) -> float:
+    """Seconds since the server started (MySQL/MariaDB count whole seconds)."""
+    sql = (
+        "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'UPTIME'"
+        if vendor == "mysql"
+        else "SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())"
+    )
+    cursor = raw.cursor()
+    try:
+        cursor.execute(sql)
+        return float(cursor.fetchone()[0])
+    finally:
+        cursor.close()
+
+
+def wait_session_gone(alias: str, backend: int, timeout: float, since: float | None = None) -> bool:
     """Poll until the server no longer lists session ``backend``; False if still there (or unreachable) at ``timeout``.
 
     Once the session is gone, whatever it was doing (a COMMIT the client lost sight of) has either
     happened or never will: reading the outcome then tells the truth. Behind a pooler such as
-    PgBouncer the id is the pooler's, not the server's, and this cannot tell.
+    PgBouncer the id is the pooler's, not the server's, and this cannot tell. ``since``
+    (``time.monotonic()``): a server that started after it cannot hold that session any more,
+    whatever id a new session got.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -59,6 +76,9 @@ def wait_session_gone(alias: str, backend: int, timeout: float) -> bool:
             with side_session(alias) as (raw, vendor):
                 while True:
                     if not session_exists(raw, vendor, backend):
+                        return True
+                    # One second of margin: MySQL's uptime is whole seconds.
+                    if since is not None and server_uptime(raw, vendor) + 1.0 < time.monotonic() - since:
                         return True
                     if time.monotonic() >= deadline:
                         return False

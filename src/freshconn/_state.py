@@ -129,7 +129,7 @@ def _poller(fd: int) -> Any:
 class Tracker:
     """What one unit (or one attempt of a retrying unit) did, as seen by the statement and COMMIT hooks."""
 
-    __slots__ = ("applied", "commit_backend", "commit_in_flight", "reported", "write_in_flight")
+    __slots__ = ("applied", "commit_backend", "commit_in_flight", "commit_sent_at", "reported", "write_in_flight")
 
     def __init__(self) -> None:
         self.applied = False
@@ -138,6 +138,9 @@ class Tracker:
         self.commit_in_flight: str | None = None
         #: The server's id of that COMMIT's session, for AmbiguousCommitError.wait_until_settled().
         self.commit_backend: int | None = None
+        #: When (time.monotonic()) that COMMIT was sent, at the latest: a server restart after it
+        #: means the session is gone for good (wait_until_settled()).
+        self.commit_sent_at = 0.0
         #: An AmbiguousCommitError was raised for it already (a unit around this one must not raise another).
         self.reported = False
 
@@ -151,6 +154,7 @@ class Tracker:
         parent.write_in_flight |= self.write_in_flight
         if parent.commit_in_flight is None:
             parent.commit_in_flight, parent.commit_backend = self.commit_in_flight, self.commit_backend
+            parent.commit_sent_at = self.commit_sent_at
             parent.reported = self.reported
 
 
@@ -411,10 +415,15 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any
         tracker.write_in_flight = True
 
 
-def _commit_lost(tracker: Tracker, conn: BaseDatabaseWrapper, state: ConnState | None) -> None:
+def _commit_lost(
+    tracker: Tracker, conn: BaseDatabaseWrapper, state: ConnState | None, sent_at: float | None = None
+) -> None:
     if tracker.commit_in_flight is None:
         tracker.commit_in_flight = conn.alias
         tracker.commit_backend = state.backend_id if state is not None else None
+        # Raw SQL COMMIT: the statement's start is not recorded (hot path); now is later than the
+        # send, which can only make a restart harder to count as "after the COMMIT".
+        tracker.commit_sent_at = sent_at if sent_at is not None else _monotonic()
 
 
 def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]) -> Any:
@@ -446,6 +455,7 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
     afterwards (its reconnect in ``finally`` may fail and replace this one): that unit then raises
     AmbiguousCommitError and is never retried.
     """
+    sent_at = _monotonic()
     try:
         result = type(conn)._commit(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
@@ -453,7 +463,7 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
             _local.lost = True
         active = _local.active
         if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
-            _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None))
+            _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None), sent_at)
         raise
     # The transaction is applied now. Django runs on_commit callbacks only once set_autocommit(True)
     # has succeeded, and on MySQL that sends a statement: a connection lost right after COMMIT

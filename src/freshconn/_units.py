@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from . import _aliases, _lifecycle, _state, _stats
@@ -228,6 +229,7 @@ def _ambiguous(exc: BaseException, tracker: Tracker | None) -> AmbiguousCommitEr
     )
     err.alias = alias
     err.backend_id = _lost_session(alias, tracker)
+    err.sent_at = tracker.commit_sent_at if tracker is not None and tracker.commit_sent_at else time.monotonic()
     _stats.bump(alias, "ambiguous_commits")
     return err
 

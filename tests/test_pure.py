@@ -269,3 +269,27 @@ def test_reconnect_pauses_grow_are_capped_and_jittered():
     assert _policy.reconnect_pause(2, 1.0) == pytest.approx(0.2)
     assert _policy.reconnect_pause(10, 1.0) == pytest.approx(_policy.RECONNECT_MAX_PAUSE)
     assert _policy.reconnect_pause(10, 0.0) == pytest.approx(_policy.RECONNECT_MAX_PAUSE / 2)
+
+
+def test_a_hidden_idle_limit_below_a_pools_max_idle_names_max_idle_in_the_fix():
+    """With a pool, the probe's hidden-idle-limit fix also names the max_idle to set below the measured limit."""
+    from freshconn._audit import AliasSettings
+    from freshconn._inspect import ServerFacts
+    from freshconn._judge import probe_hits
+    from freshconn._probe import ProbeResult
+
+    def settings(pool_max_idle: float | None) -> AliasSettings:
+        return AliasSettings(
+            alias="db", vendor="postgresql", engine="django.db.backends.postgresql", driver="psycopg",
+            driver_version="3", host="127.0.0.1", name="app", port="5432", user="app", conn_max_age=0,
+            health_checks=False, timeouts={}, invalid_timeouts={}, option_names=frozenset({"pool"}),
+            pool=pool_max_idle is not None, pool_check=False if pool_max_idle is not None else None,
+            pool_max_idle=pool_max_idle,
+        )  # fmt: skip
+
+    facts = ServerFacts(product="PostgreSQL", version="15", port=5432, tls=False, connect_seconds=0.01, idle_limit=None)
+    probe = ProbeResult(max_seconds=60, survived=20.0, died=30.0)
+    [pooled] = probe_hits(settings(600.0), None, facts, probe)
+    assert "DATABASES['db']['OPTIONS']['pool']['max_idle'] to at most 27 (the pool keeps idle" in pooled.fix
+    [plain] = probe_hits(settings(None), None, facts, probe)
+    assert "max_idle" not in plain.fix

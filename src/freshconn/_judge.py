@@ -413,6 +413,12 @@ def probe_hits(s: AliasSettings, cfg: conf.Config | None, facts: ServerFacts, pr
             "Raise the proxy's idle timeout or send TCP keepalives more often than that (libpq keepalives_idle); "
             f"otherwise {inside}set {_db(s.alias, 'CONN_MAX_AGE')} to at most {most}"
             + (" (a connection per request)" if most == 0 else "")
-            + " for code outside units.",
+            + " for code outside units"
+            + (
+                f", and {_db(s.alias, 'OPTIONS', 'pool')}['max_idle'] to at most {most} (the pool keeps idle "
+                f"connections up to {s.pool_max_idle:g}s)."
+                if s.pool_max_idle is not None and s.pool_max_idle > probe.died
+                else "."
+            ),
         )
     ]

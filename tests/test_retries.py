@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.db import Error, OperationalError, connection, connections, transaction
@@ -95,18 +96,24 @@ def test_committed_transaction_then_kill_is_not_retried(live):
     assert counters()["not_retried_unsafe"] == 1
 
 
-def test_connection_lost_right_after_commit_is_not_retried(live):
+def _kill_at_the_next_autocommit_restore(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session dies once, after the server applied a COMMIT and before Django restores autocommit."""
+    cls = type(connections["default"])
+    restore = cls._set_autocommit
+
+    def killed_first(self: Any, autocommit: bool) -> None:
+        if autocommit:
+            monkeypatch.setattr(cls, "_set_autocommit", restore)
+            kill_connection()
+        restore(self, autocommit)
+
+    # On the class: freshconn's own hook on the instance calls the class's method.
+    monkeypatch.setattr(cls, "_set_autocommit", killed_first)
+
+
+def test_connection_lost_right_after_commit_is_not_retried(live, monkeypatch):
     """Killed between a successful COMMIT and Django's autocommit restore, the applied transaction is not replayed."""
     calls = []
-    conn = connections["default"]
-    restore = type(conn)._set_autocommit
-
-    def killed_first(autocommit: bool) -> None:
-        # Once: the session dies after the server applied the COMMIT, before Django runs on_commit.
-        del conn._set_autocommit
-        if autocommit:
-            kill_connection()
-        restore(conn, autocommit)
 
     @freshconn.unit_of_work(retries=2)
     def transfer() -> None:
@@ -114,19 +121,28 @@ def test_connection_lost_right_after_commit_is_not_retried(live):
         with transaction.atomic():
             Order.objects.create(ref="after-commit")
             if len(calls) == 1:
-                conn._set_autocommit = killed_first
-        Order.objects.count()
+                _kill_at_the_next_autocommit_restore(monkeypatch)
+        Order.objects.count()  # on the dead session: a disconnect after an applied write
 
-    try:
-        # MySQL's autocommit restore fails on the dead session; libpq's is client-side, so the
-        # statement after the transaction does. Either way the applied transaction is not replayed.
-        with pytest.raises(Error) as err:
-            transfer()
-        assert freshconn.is_disconnect(err.value)
-    finally:
-        conn.__dict__.pop("_set_autocommit", None)
+    with pytest.raises(Error) as err:
+        transfer()
+    assert freshconn.is_disconnect(err.value)
     assert len(calls) == 1
     assert Order.objects.filter(ref="after-commit").count() == 1
+    assert counters()["not_retried_unsafe"] == 1
+
+
+def test_atomic_block_whose_connection_dies_right_after_commit_succeeds(live, monkeypatch):
+    """Lost between COMMIT and the autocommit restore: the block succeeds, on_commit runs, the connection is dropped."""
+    ran: list[str] = []
+    with freshconn.unit_of_work(), transaction.atomic():
+        Order.objects.create(ref="lost-after-commit")
+        transaction.on_commit(lambda: ran.append("on_commit"))
+        _kill_at_the_next_autocommit_restore(monkeypatch)
+    assert ran == ["on_commit"]
+    with freshconn.unit_of_work():
+        assert Order.objects.filter(ref="lost-after-commit").count() == 1
+    assert counters()["discarded_dead"] == 1
 
 
 def test_idempotent_unit_is_retried_after_an_autocommit_write(live):

@@ -11,10 +11,11 @@ from __future__ import annotations
 from types import FrameType
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 __all__ = [
+    "AUTOCOMMIT_STEP",
     "COMMIT_FRAME",
     "CONNECT_STEP",
     "HEALTH_CHECK_DONE",
@@ -46,6 +47,16 @@ CONNECT_STEP = "ensure_connection"
 #: frame, with the wrapper as ``self`` (``commit`` itself is wrapped by ``async_unsafe``).
 COMMIT_FRAME = "_commit"
 
+#: ``BaseDatabaseWrapper._set_autocommit()``: ``set_autocommit()`` calls it, then sets ``autocommit``
+#: and runs the ``on_commit`` callbacks. ``Atomic.__exit__`` calls ``set_autocommit(True)`` right
+#: after a successful ``commit()``; on MySQL that is a statement, which a connection lost at that
+#: moment fails, although the transaction is applied. freshconn shadows it on managed instances.
+AUTOCOMMIT_STEP = "_set_autocommit"
+
+#: ``django.db.transaction.Atomic.__exit__``: the only caller whose ``set_autocommit(True)`` follows
+#: its own successful ``commit()`` with nothing in between.
+ATOMIC_EXIT_CODE = transaction.Atomic.__exit__.__code__
+
 #: ``BaseDatabaseWrapper._rollback()``: ``rollback()`` calls it. When it fails, ``Atomic.__exit__``
 #: closes the connection and, in its ``finally``, reconnects through ``set_autocommit(True)``.
 #: freshconn shadows it on managed instances to learn that the unit lost its connection even when
@@ -67,6 +78,15 @@ def thread_wrapper(alias: str) -> BaseDatabaseWrapper | None:
 def initialized_wrappers() -> list[BaseDatabaseWrapper]:
     """The wrappers this thread has created (Django >= 4.1's ``initialized_only``), connected or not."""
     return list(connections.all(initialized_only=True))
+
+
+def called_from_atomic_exit(frame: FrameType | None, depth: int = 6) -> bool:
+    """True when ``Atomic.__exit__`` is among the ``depth`` frames from ``frame`` outwards (error path only)."""
+    while frame is not None and depth > 0:
+        if frame.f_code is ATOMIC_EXIT_CODE:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
 
 
 def commit_frame_alias(frame: FrameType) -> str | None:

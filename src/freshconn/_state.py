@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import select
+import sys
 import threading
 import time
 import types
@@ -36,6 +37,8 @@ logger = logging.getLogger("freshconn")
 
 STATE_ATTR = "_freshconn_state"
 LOST_ATTR = "_freshconn_lost_state"
+#: Set by the COMMIT hook when a COMMIT succeeded; read (and cleared) by the autocommit hook.
+COMMITTED_ATTR = "_freshconn_just_committed"
 _HOOKED_ATTR = "_freshconn_hooked"
 # getattr: eventlet's monkey-patching removes select.poll and its constants (select.select stays).
 _POLL_MASK = sum(getattr(select, name, 0) for name in ("POLLIN", "POLLPRI", "POLLERR", "POLLHUP", "POLLNVAL"))
@@ -275,6 +278,7 @@ def hook(conn: BaseDatabaseWrapper) -> None:
     setattr(conn, _django.COMMIT_FRAME, types.MethodType(commit_step, conn))
     setattr(conn, _django.CONNECT_STEP, types.MethodType(connect_step, conn))
     setattr(conn, _django.ROLLBACK_STEP, types.MethodType(rollback_step, conn))
+    setattr(conn, _django.AUTOCOMMIT_STEP, types.MethodType(autocommit_step, conn))
     for extra in on_register:
         extra(conn)
 
@@ -472,7 +476,36 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
         owner = getattr(entry[1], "__self__", None)
         if isinstance(owner, Tracker):
             owner.applied = True
+    setattr(conn, COMMITTED_ATTR, True)
     return result
+
+
+def autocommit_step(conn: BaseDatabaseWrapper, autocommit: bool) -> Any:
+    """freshconn's ``_set_autocommit()`` on a managed wrapper: Django's, except right after a COMMIT.
+
+    When ``Atomic.__exit__`` restores autocommit right after its COMMIT succeeded and the
+    connection is lost at that very moment (MySQL sends a statement for it), the transaction is
+    applied: the atomic block succeeded. Django would raise, and a caller (a queue consumer that
+    redelivers on error) would run the committed work again. freshconn lets the block succeed (its
+    on_commit callbacks run, as for any committed transaction) and dooms the connection, which is
+    discarded at the end of the unit; the next statement on it, if any, fails as a disconnect.
+    """
+    committed = conn.__dict__.pop(COMMITTED_ATTR, False)
+    try:
+        return type(conn)._set_autocommit(conn, autocommit)  # type: ignore[attr-defined]
+    except Exception as exc:
+        if not (autocommit and committed and is_disconnect(exc) and _django.called_from_atomic_exit(sys._getframe(1))):
+            raise
+        state: ConnState | None = getattr(conn, STATE_ATTR, None)
+        if state is not None:
+            state.doomed = "dead"
+        logger.info(
+            "connection %r lost right after its COMMIT succeeded: the transaction is applied; the "
+            "connection is discarded",
+            conn.alias,
+            extra={"alias": conn.alias, "reason": "lost_after_commit"},
+        )
+        return None
 
 
 def rollback_step(conn: BaseDatabaseWrapper) -> Any:

@@ -118,6 +118,9 @@ def test_a_lost_commit_error_carries_djangos_commit_frame(live):
 def test_commit_and_atomic_exit_use_the_names_freshconn_expects():
     """BaseDatabaseWrapper has _commit, on_commit(robust=...), execute_wrappers and close_if_unusable_or_obsolete."""
     assert callable(getattr(BaseDatabaseWrapper, _django.COMMIT_FRAME))
+    assert callable(getattr(BaseDatabaseWrapper, _django.AUTOCOMMIT_STEP))
+    assert callable(getattr(BaseDatabaseWrapper, _django.ROLLBACK_STEP))
+    assert "set_autocommit" in _django.ATOMIC_EXIT_CODE.co_names  # Atomic.__exit__ restores autocommit itself
     assert "robust" in BaseDatabaseWrapper.on_commit.__code__.co_varnames
     assert callable(getattr(BaseDatabaseWrapper, _django.PER_CONNECTION_STEP))
     assert isinstance(connection.execute_wrappers, list)

@@ -26,7 +26,10 @@ DRIVER_NAME: str = {"mysqlconnector": "mysql-connector"}.get(DRIVER, DRIVER)
 #: Django >= 6.0's MySQL backend reads the server's version and modes (``mysql_server_data``) the first
 #: time a new thread's wrapper builds an INSERT, through ``temporary_connection()``: one extra connect
 #: and close per new thread, before the connection the thread then keeps (measured with Django 6.1).
-DJANGO_TEMP_CONNECTS_PER_NEW_THREAD = 1 if VENDOR == "mysql" and django.VERSION >= (6, 0) else 0
+#: mysql-connector-python's own Django backend does not.
+DJANGO_TEMP_CONNECTS_PER_NEW_THREAD = (
+    1 if VENDOR == "mysql" and DRIVER != "mysqlconnector" and django.VERSION >= (6, 0) else 0
+)
 
 # The server enforces these on the session; the tests idle a little longer than SHORT_TIMEOUT.
 SHORT_TIMEOUT = 2

@@ -16,6 +16,7 @@ from tests.conftest import DRIVER, ROOT
 pytestmark = [
     pytest.mark.server,
     pytest.mark.slow,
+    pytest.mark.broker,  # a Redis queue: on the full leg only (its behaviour does not depend on Django's series)
     pytest.mark.skipif(
         DRIVER not in ("mysqlclient", "psycopg"),
         reason="the soak is a test of freshconn's behaviour, not of the driver: one MySQL and one PostgreSQL "

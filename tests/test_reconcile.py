@@ -134,8 +134,11 @@ def _cut_when_held(hold: CommitHold, relay: Relay, seen: list[int]) -> Callable[
     return run
 
 
-def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_client_lost(dbconf, commit_hold, relay):
-    """The client is cut while the server holds its COMMIT: False while held, True once committed, row then visible."""
+def _lose_a_held_commit(
+    dbconf: Any, commit_hold: Any, relay: Relay, ref: str
+) -> tuple[freshconn.AmbiguousCommitError, list[int]]:
+    """A unit whose COMMIT the server holds while the relay cuts its client: its AmbiguousCommitError, and the
+    sessions the cutter saw."""
     dbconf(HOST="127.0.0.1", PORT=str(relay.port))
     seen: list[int] = []
     cutter = threading.Thread(target=_cut_when_held(commit_hold, relay, seen), daemon=True)
@@ -143,10 +146,15 @@ def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_
     cutter.start()
     try:
         with pytest.raises(freshconn.AmbiguousCommitError) as err, freshconn.unit_of_work(), transaction.atomic():
-            Order.objects.create(ref="settle-1")
+            Order.objects.create(ref=ref)
     finally:
         cutter.join()
-    exc = err.value
+    return err.value, seen
+
+
+def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_client_lost(dbconf, commit_hold, relay):
+    """The client is cut while the server holds its COMMIT: False while held, True once committed, row then visible."""
+    exc, seen = _lose_a_held_commit(dbconf, commit_hold, relay, "settle-1")
     assert seen == [exc.backend_id]
 
     # The server still holds the COMMIT (it knows nothing of the cut): not settled, and a read now
@@ -163,17 +171,7 @@ def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_
 
 def test_wait_until_settled_after_the_server_rolled_the_commit_back(dbconf, commit_hold, relay, server):
     """When the lost session is killed instead, wait_until_settled() returns True and the row is absent for good."""
-    dbconf(HOST="127.0.0.1", PORT=str(relay.port))
-    seen: list[int] = []
-    cutter = threading.Thread(target=_cut_when_held(commit_hold, relay, seen), daemon=True)
-    commit_hold.hold()
-    cutter.start()
-    try:
-        with pytest.raises(freshconn.AmbiguousCommitError) as err, freshconn.unit_of_work(), transaction.atomic():
-            Order.objects.create(ref="settle-2")
-    finally:
-        cutter.join()
-    exc = err.value
+    exc, _ = _lose_a_held_commit(dbconf, commit_hold, relay, "settle-2")
     assert exc.backend_id is not None
     commit_hold._run(
         commit_hold.admin,

@@ -103,17 +103,19 @@ def _cases(conn: Any, n: int, m: int) -> dict[str, Callable[[], None]]:
             def run() -> None:
                 # As benchmarks.worker does: inf makes every unit back to back (both thresholds, in a
                 # core that has SOCKET_CHECK_IDLE), 0 none.
+                # Any: this core has no SOCKET_CHECK_IDLE, an older one does.
+                policy: Any = _policy
                 saved = {
-                    k: getattr(_policy, k) for k in ("SOCKET_CHECK_AFTER", "SOCKET_CHECK_IDLE") if hasattr(_policy, k)
+                    k: getattr(policy, k) for k in ("SOCKET_CHECK_AFTER", "SOCKET_CHECK_IDLE") if hasattr(policy, k)
                 }
-                _policy.SOCKET_CHECK_AFTER = value
+                policy.SOCKET_CHECK_AFTER = value
                 if value == math.inf and "SOCKET_CHECK_IDLE" in saved:
-                    _policy.SOCKET_CHECK_IDLE = value
+                    policy.SOCKET_CHECK_IDLE = value
                 try:
                     fn()
                 finally:
                     for k, v in saved.items():
-                        setattr(_policy, k, v)
+                        setattr(policy, k, v)
 
             return run
 

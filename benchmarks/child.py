@@ -212,7 +212,7 @@ def _one_round(
 
 
 def _mostly_polled(counted: dict[str, int] | None) -> bool:
-    return bool(counted) and counted["polls"] * 2 > counted["units"]
+    return bool(counted and counted["polls"] * 2 > counted["units"])
 
 
 def kill_trials(workers: dict[str, Worker], trials: int) -> dict[str, Any]:
@@ -341,8 +341,8 @@ def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         for res in out.values():
             # Each policy opened its connection during its first warm-up: counted in the first round.
             for i, rnd in enumerate(res["rounds"]):
-                for p, row in rnd["policies"].items():
-                    row["connects_incl_warmup"] = row["connects"] + (res["warmup"][p]["connects"] if i == 0 else 0)
+                for p, prow in rnd["policies"].items():
+                    prow["connects_incl_warmup"] = prow["connects"] + (res["warmup"][p]["connects"] if i == 0 else 0)
         # How often freshconn's socket poll really runs per variant (an untimed, instrumented run).
         for v in variants:
             out[v.name]["polls"] = {

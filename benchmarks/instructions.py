@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 def _warm(w: Any, kind: str, threshold: float | None) -> None:
     """The same work as a counted case, once, outside the marker (so nothing here is counted)."""
     real = sys.call_tracing
-    sys.call_tracing = lambda fn, args: fn(*args)  # type: ignore[assignment]
+    sys.call_tracing = lambda fn, args: fn(*args)
     try:
         w.counted(kind, 50, threshold)
     finally:

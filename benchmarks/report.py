@@ -217,10 +217,11 @@ CACHE_HEADERS = (
 
 
 def cache_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
-    cache = results.get("cache") or {}
-    cycles, events = cache.get("cycles_per_unit"), cache.get("events_per_unit")
+    cache: dict[str, Any] = results.get("cache") or {}
+    cycles = cache.get("cycles_per_unit")
     if not cycles:
         return []
+    events = cache["events_per_unit"]  # measured together with cycles_per_unit
     base, base_ev = cycles["unsafe"], events["unsafe"]
     rows = []
     for case, value in cycles.items():
@@ -248,7 +249,7 @@ def breakdown_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     if not per:
         return []
     base = per["empty_loop"]
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for case, what in DESCRIPTIONS.items():
         if case not in per:
             continue

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_opt = [f"--redis-url={redis.url}"] if redis is not None else []
         with tempfile.TemporaryDirectory(prefix="fc-bench-") as workdir:
             for driver in drivers:
-                db = servers[VENDOR[driver]].django_settings()  # type: ignore[attr-defined]
+                db = servers[VENDOR[driver]].django_settings()
                 runs: dict[str, Any] = {}
                 if shared:
                     per_policy = f"{plural(args.rounds, 'round')} x {args.seconds:g} s per policy"
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 children[driver] = runs
             if args.instructions:
                 for driver in drivers:
-                    db = servers[VENDOR[driver]].django_settings()  # type: ignore[attr-defined]
+                    db = servers[VENDOR[driver]].django_settings()
                     log(f"{driver}: instructions per unit (callgrind, {args.instr_units} messages per case) ...")
                     base = [f"--units={args.instr_units}"]
                     counted[driver] = {"default": run_instructions(driver, db, workdir, [*base, *redis_opt])}
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                 # Where the busy path's instructions go: the same for every driver, so measured on the first.
                 log(f"{drivers[0]}: freshconn's busy path, piece by piece (callgrind) ...")
-                db = servers[VENDOR[drivers[0]]].django_settings()  # type: ignore[attr-defined]
+                db = servers[VENDOR[drivers[0]]].django_settings()
                 pieces = run_instructions(drivers[0], db, workdir, [], "benchmarks.breakdown")
                 pieces["driver"] = drivers[0]
                 log(f"{drivers[0]}: cache misses per message (callgrind cache simulation) ...")

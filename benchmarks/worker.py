@@ -255,7 +255,8 @@ class Worker(threading.Thread):
         conn.connect = timed_connect  # type: ignore[method-assign]
         self.conn = conn
         self.freshconn = freshconn
-        self.policy_module = _policy
+        # Any: the thresholds differ between cores (an older one has SOCKET_CHECK_IDLE, this one does not).
+        self.policy_module: Any = _policy
         self.default_poll_threshold = _policy.SOCKET_CHECK_AFTER
         self.default_idle_threshold = getattr(_policy, "SOCKET_CHECK_IDLE", None)
         self.Item = Item

@@ -192,7 +192,7 @@ class Injector:
             if self.vendor == "mysql"
             else "SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())"
         )
-        fault.verified = bool(uptime) and float(uptime[0][0]) <= time.monotonic() - began + 1.0
+        fault.verified = bool(uptime and float(uptime[0][0]) <= time.monotonic() - began + 1.0)
 
     def _proxy(self, fault: Fault, batch: int, drain: Callable[[], None]) -> None:
         assert self.bed.proxy is not None

@@ -241,7 +241,8 @@ class Pool:
 
         @freshconn.unit_of_work(retries=3)
         def is_applied(msg_id: str) -> bool:
-            return Applied.objects.filter(msg_id=msg_id).exists()
+            applied: bool = Applied.objects.filter(msg_id=msg_id).exists()
+            return applied
 
         for raw in freshconn.each(self._messages(wid, client)):
             msg = decode(raw)

@@ -359,7 +359,7 @@ class Relay:
                     elif sock is self._listener:
                         self._accept()
                     elif sock in self._peer:
-                        self._pump(sock)  # type: ignore[arg-type]
+                        self._pump(sock)
 
 
 __all__ = ["HAProxy", "PgBouncer", "Relay"]

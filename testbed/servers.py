@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 APP_USER = "app"
 APP_PASSWORD = "app-secret-pw"
@@ -304,6 +304,10 @@ class PostgreSQL(Server):
             [self._psql, "-h", self.tmp, "-p", str(self.port), "-U", "postgres", "-d", db, "-At", "-c", sql]
         )
         return out.stdout.decode()
+
+
+#: A database server of the test bed, either vendor (the tests' ``server`` fixture): admin_sql(), datadir...
+DBServer: TypeAlias = MariaDB | PostgreSQL
 
 
 @dataclass

@@ -7,13 +7,14 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol, cast
 
 import django
 import pytest
 from django.conf import settings
 from django.db import connections
-from testbed.servers import MariaDB, PostgreSQL, Server
+from testbed.servers import DBServer, MariaDB, PostgreSQL
 
 import freshconn
 from freshconn import _outage, _state
@@ -49,21 +50,32 @@ def _interrupt(signum: int, frame: Any) -> None:
 signal.signal(signal.SIGTERM, _interrupt)
 
 
-def admin_connection(server: Server) -> Any:
+class _HasDriver(Protocol):
+    Database: ModuleType
+
+
+def driver_module(alias: str = "default") -> ModuleType:
+    """The DB-API module the alias's backend loaded (its ``DatabaseWrapper.Database``: psycopg, MySQLdb...)."""
+    # Every concrete backend sets Database; BaseDatabaseWrapper, the type connections[alias] has, does not.
+    return cast(_HasDriver, connections[alias]).Database
+
+
+def admin_connection(server: DBServer) -> Any:
     """A raw superuser DB-API connection (autocommit) to the test server, through the loaded driver."""
     if VENDOR == "mysql":
         import MySQLdb
 
-        return MySQLdb.connect(unix_socket=server.socket, user="root", autocommit=True)  # type: ignore[attr-defined]
-    raw = connections["default"].Database.connect(host=server.tmp, port=server.port, user="postgres", dbname="postgres")
+        assert isinstance(server, MariaDB)
+        return MySQLdb.connect(unix_socket=server.socket, user="root", autocommit=True)
+    raw = driver_module().connect(host=server.tmp, port=server.port, user="postgres", dbname="postgres")
     raw.autocommit = True
     return raw
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def server() -> Iterator[DBServer]:
     """The session's throwaway MariaDB or PostgreSQL server, on a loopback port."""
-    srv: Server = MariaDB() if VENDOR == "mysql" else PostgreSQL()
+    srv: DBServer = MariaDB() if VENDOR == "mysql" else PostgreSQL()
     srv.start()
     try:
         yield srv
@@ -74,7 +86,7 @@ def server() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings(server: Server) -> None:
+def django_db_modify_db_settings(server: DBServer) -> None:
     settings.DATABASES["default"]["PORT"] = str(server.port)
     os.environ["FRESHCONN_TEST_DB_PORT"] = str(server.port)
 
@@ -185,4 +197,6 @@ def backend_id(alias: str = "default") -> int:
 
     connections[alias].ensure_connection()
     raw = connections[alias].connection
-    return int(_drivers.for_connection(raw).backend_id(raw))
+    session = _drivers.for_connection(raw).backend_id(raw)
+    assert session is not None, "the driver exposes no session id"
+    return int(session)

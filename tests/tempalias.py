@@ -38,13 +38,14 @@ def temp_alias(alias: str, settings_dict: dict[str, Any]) -> Iterator[str]:
     _aliases.reset_caches()
     case = _running_test_case()
     saved = case.databases if case is not None else None
-    if case is not None and saved != "__all__":
-        case.databases = frozenset(saved) | {alias}
+    if case is not None and case.databases != "__all__":
+        case.databases = frozenset(case.databases) | {alias}
     try:
         yield alias
     finally:
         try:
-            if hasattr(connections._connections, alias):
+            # _connections (the asgiref Local of this thread's wrappers) is private: django-stubs omits it.
+            if hasattr(connections._connections, alias):  # type: ignore[attr-defined]
                 try:
                     connections[alias].close()
                 except Exception:

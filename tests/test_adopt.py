@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.core.signals import request_finished, request_started
 from django.db import Error, close_old_connections, connection, transaction
+from django.dispatch import Signal
 from django.test import override_settings
+from testbed.servers import DBServer
 
 import freshconn
 from freshconn.testing import kill_connection
@@ -31,7 +33,7 @@ def job(ref: str) -> int:
     """One job of a loop freshconn's user does not own: a boundary, the work, a boundary."""
     close_old_connections()
     Order.objects.create(ref=ref)
-    n = Order.objects.count()
+    n: int = Order.objects.count()
     close_old_connections()
     return n
 
@@ -49,7 +51,7 @@ def adopted() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_without_adoption_idle_past_the_server_timeout_breaks_the_loop(persistent_short_timeout):
+def test_without_adoption_idle_past_the_server_timeout_breaks_the_loop(persistent_short_timeout: None) -> None:
     """For contrast: Django's own close_old_connections() does not see the server's idle drop; the job fails."""
     job("a")
     time.sleep(IDLE_PAST_TIMEOUT)
@@ -59,7 +61,7 @@ def test_without_adoption_idle_past_the_server_timeout_breaks_the_loop(persisten
 
 
 @pytest.mark.slow
-def test_adopted_boundary_survives_idle_past_the_server_timeout(persistent_short_timeout, adopted):
+def test_adopted_boundary_survives_idle_past_the_server_timeout(persistent_short_timeout: None, adopted: None) -> None:
     """With adoption, the loop's own close_old_connections() drops the expired connection without a round trip."""
     assert job("a") == 1
     time.sleep(IDLE_PAST_TIMEOUT)
@@ -69,7 +71,7 @@ def test_adopted_boundary_survives_idle_past_the_server_timeout(persistent_short
     assert c["pings"] == 0
 
 
-def test_adopted_boundary_survives_a_kill(persistent_short_timeout, adopted):
+def test_adopted_boundary_survives_a_kill(persistent_short_timeout: None, adopted: None) -> None:
     """After a KILL between jobs, the next job's boundary discards the dead connection and the job succeeds."""
     job("a")
     kill_connection()
@@ -78,7 +80,9 @@ def test_adopted_boundary_survives_a_kill(persistent_short_timeout, adopted):
 
 
 @pytest.mark.slow
-def test_adopted_boundary_waits_for_a_restarting_server(persistent_short_timeout, adopted, server):
+def test_adopted_boundary_waits_for_a_restarting_server(
+    persistent_short_timeout: None, adopted: None, server: DBServer
+) -> None:
     """A server that is down at the next boundary is waited for; the job then runs once."""
     job("a")
     server.down()
@@ -92,7 +96,9 @@ def test_adopted_boundary_waits_for_a_restarting_server(persistent_short_timeout
     assert list(Order.objects.order_by("ref").values_list("ref", flat=True)) == ["a", "b"]
 
 
-def test_busy_adopted_loop_on_djangos_default_makes_no_connect_and_no_ping(dbconf, adopted):
+def test_busy_adopted_loop_on_djangos_default_makes_no_connect_and_no_ping(
+    dbconf: Callable[..., None], adopted: None
+) -> None:
     """With Django's CONN_MAX_AGE=0 and adoption, 1,000 busy boundaries reuse one connection with no ping."""
     dbconf(CONN_MAX_AGE=0, OPTIONS={})
     pk = Order.objects.create(ref="x").pk
@@ -108,7 +114,7 @@ def test_busy_adopted_loop_on_djangos_default_makes_no_connect_and_no_ping(dbcon
     assert c["units"] == 1000
 
 
-def test_without_adoption_djangos_default_reconnects_every_job(dbconf):
+def test_without_adoption_djangos_default_reconnects_every_job(dbconf: Callable[..., None]) -> None:
     """For contrast: without adoption, Django's CONN_MAX_AGE=0 makes the same loop connect for every job."""
     dbconf(CONN_MAX_AGE=0, OPTIONS={})
     for i in range(5):
@@ -116,7 +122,7 @@ def test_without_adoption_djangos_default_reconnects_every_job(dbconf):
     assert counters()["connects"] == 5
 
 
-def test_close_old_connections_inside_a_unit_is_harmless(dbconf):
+def test_close_old_connections_inside_a_unit_is_harmless(dbconf: Callable[..., None]) -> None:
     """Inside a unit, close_old_connections() neither closes the unit's connection nor breaks its transaction."""
     dbconf(CONN_MAX_AGE=0, OPTIONS={})
     with freshconn.unit_of_work():
@@ -132,7 +138,7 @@ def test_close_old_connections_inside_a_unit_is_harmless(dbconf):
     assert counters()["connects"] == 1
 
 
-def test_adopted_boundary_leaves_an_open_transaction_alone(persistent_short_timeout, adopted):
+def test_adopted_boundary_leaves_an_open_transaction_alone(persistent_short_timeout: None, adopted: None) -> None:
     """An adopted boundary inside atomic() (outside units) does not close the connection, where Django's would."""
     with transaction.atomic():
         Order.objects.create(ref="t1")
@@ -142,7 +148,7 @@ def test_adopted_boundary_leaves_an_open_transaction_alone(persistent_short_time
     assert counters()["skipped_atomic"] == 1
 
 
-def test_web_requests_keep_djangos_lifecycle_with_adoption(dbconf, adopted):
+def test_web_requests_keep_djangos_lifecycle_with_adoption(dbconf: Callable[..., None], adopted: None) -> None:
     """With adoption on, the request signals still run Django's own step: CONN_MAX_AGE=0 closes at request end."""
     dbconf(CONN_MAX_AGE=0, OPTIONS={})
     request_started.send(sender=None)
@@ -156,7 +162,7 @@ def test_web_requests_keep_djangos_lifecycle_with_adoption(dbconf, adopted):
     assert connection.connection is not None
 
 
-def test_adoption_off_restores_djangos_request_receivers(dbconf):
+def test_adoption_off_restores_djangos_request_receivers(dbconf: Callable[..., None]) -> None:
     """Turning adoption off points the request signals back at Django's own close_old_connections."""
     with override_settings(FRESHCONN=ADOPT):
         assert close_old_connections not in _receivers(request_started)
@@ -164,8 +170,8 @@ def test_adoption_off_restores_djangos_request_receivers(dbconf):
     assert close_old_connections in _receivers(request_finished)
 
 
-def _receivers(signal) -> list[object]:
-    out = []
+def _receivers(signal: Signal) -> list[object]:
+    out: list[object] = []
     for entry in signal.receivers:  # (lookup_key, receiver[, is_async]); the receiver may be a weak reference
         receiver = entry[1]
         out.append(receiver() if isinstance(receiver, weakref.ReferenceType) else receiver)

@@ -33,6 +33,7 @@ from django.apps import apps as django_apps
 from django.conf import settings
 from django.db import connections
 from django.test import override_settings
+from testbed.servers import DBServer
 
 from tests.app.models import Order
 from tests.conftest import VENDOR, short_server_timeout_options, subprocess_env
@@ -399,12 +400,14 @@ def dramatiq_framework(redis_url: str) -> Framework:
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
-    broker = RedisBroker(url=redis_url)
+    broker = RedisBroker(url=redis_url)  # type: ignore[no-untyped-call]  # dramatiq leaves its __init__ unannotated
     broker.declare_queue("default")
 
     def enqueue(keys: list[str]) -> None:
         for key in keys:
-            message = dramatiq.Message(queue_name="default", actor_name="record", args=(key,), kwargs={}, options={})
+            message: dramatiq.Message[Any] = dramatiq.Message(
+                queue_name="default", actor_name="record", args=(key,), kwargs={}, options={}
+            )
             broker.enqueue(message)
 
     return Framework(
@@ -517,7 +520,9 @@ FRAMEWORKS = [
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS, indirect=True)
-def test_adopted_worker_survives_idle_kill_and_restart_and_busy_tasks_cost_nothing(live, server, framework, tmp_path):
+def test_adopted_worker_survives_idle_kill_and_restart_and_busy_tasks_cost_nothing(
+    live: None, server: DBServer, framework: Framework, tmp_path: Path
+) -> None:
     """Adopted, CONN_MAX_AGE=0: each task runs once through restart, KILL and idle; 1,000 busy tasks: 0 connects."""
     run = Run(framework, tmp_path, adopt=True, conn_max_age="0")
     with run.worker:
@@ -544,7 +549,9 @@ def test_adopted_worker_survives_idle_kill_and_restart_and_busy_tasks_cost_nothi
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS, indirect=True)
-def test_without_adoption_the_same_worker_breaks(live, server, framework, tmp_path):
+def test_without_adoption_the_same_worker_breaks(
+    live: None, server: DBServer, framework: Framework, tmp_path: Path
+) -> None:
     """Contrast: without the setting (persistent connections) the same scenario breaks: a task fails, a process dies."""
     run = Run(framework, tmp_path, adopt=False, conn_max_age="none")
     with run.worker:

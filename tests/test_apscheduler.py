@@ -63,7 +63,9 @@ def scheduler() -> Iterator[BackgroundScheduler]:
             sched.shutdown(wait=True)
 
 
-def test_jobs_reuse_connections_and_survive_idle_past_server_timeout(short_timeout, scheduler):
+def test_jobs_reuse_connections_and_survive_idle_past_server_timeout(
+    short_timeout: int, scheduler: BackgroundScheduler
+) -> None:
     """Busy jobs share one connection per pool thread with no ping; after the server's idle timeout, no error."""
     runs = Runs(scheduler)
     scheduler.start()
@@ -97,7 +99,7 @@ def test_jobs_reuse_connections_and_survive_idle_past_server_timeout(short_timeo
     # connection broken in APScheduler's own pool thread is released by the garbage collector.
     "ignore::pytest.PytestUnraisableExceptionWarning" if DRIVER == "mysqlconnector" else "default::UserWarning"
 )
-def test_without_freshconn_a_job_fails_after_idle_past_server_timeout(short_timeout):
+def test_without_freshconn_a_job_fails_after_idle_past_server_timeout(short_timeout: int) -> None:
     """Contrast: APScheduler's own thread pool hands the next job the connection the server dropped."""
     sched = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)})
     runs = Runs(sched)

@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from testbed.redis import Redis
+from testbed.servers import DBServer
 
 from tests.queue_tasks.faults import Contrast, run_scenario
 from tests.queue_tasks.harness import (
@@ -54,7 +56,9 @@ def worker(env: dict[str, str]) -> WorkerProcess:
     return WorkerProcess(["-m", "arq", "tests.queue_tasks.arq_app.WorkerSettings"], env, stop_timeout=5)
 
 
-def test_jobs_ride_idle_kill_and_restart_on_a_persistent_connection(live, server, redis_server, redis_client):
+def test_jobs_ride_idle_kill_and_restart_on_a_persistent_connection(
+    live: None, server: DBServer, redis_server: Redis, redis_client: Any
+) -> None:
     """No connect or ping while busy; idle, KILL and a restart cost no job, each once; without it, idle fails."""
     scenario, plain = worker_env(redis_server), worker_env(redis_server, integration=False, db=1)
     with side_by_side(worker(scenario), worker(plain)) as (w, p):

@@ -39,7 +39,7 @@ async def slow_source(n: int, idle_before: int) -> AsyncIterator[int]:
 
 
 @pytest.mark.slow
-def test_async_consumer_idles_past_server_timeout_and_carries_on(short_timeout):
+def test_async_consumer_idles_past_server_timeout_and_carries_on(short_timeout: int) -> None:
     """An aeach consumer on the async ORM idles past the server's timeout and handles the next message."""
 
     async def consumer() -> list[int]:
@@ -59,7 +59,7 @@ def test_async_consumer_idles_past_server_timeout_and_carries_on(short_timeout):
 
 
 @pytest.mark.slow
-def test_without_a_unit_the_async_orm_fails_after_the_server_timeout(short_timeout):
+def test_without_a_unit_the_async_orm_fails_after_the_server_timeout(short_timeout: int) -> None:
     """For contrast, the same async ORM loop without aeach fails once the server dropped the idle session."""
 
     async def consumer() -> None:
@@ -71,13 +71,14 @@ def test_without_a_unit_the_async_orm_fails_after_the_server_timeout(short_timeo
     assert freshconn.is_disconnect(err.value)
 
 
-def test_decorated_coroutine_recovers_from_a_kill_between_units(live):
+def test_decorated_coroutine_recovers_from_a_kill_between_units(live: None) -> None:
     """@aunit_of_work: a connection killed between two calls is replaced; no SynchronousOnlyOperation."""
 
     @freshconn.aunit_of_work
     async def handle(ref: str) -> int:
         order = await Order.objects.acreate(ref=ref)
-        return order.pk
+        pk: int = order.pk
+        return pk
 
     @freshconn.aunit_of_work(using="default")
     async def kill() -> None:
@@ -95,7 +96,7 @@ def test_decorated_coroutine_recovers_from_a_kill_between_units(live):
     assert c["connects"] == 2
 
 
-def test_disconnect_inside_a_unit_reaches_the_caller_then_the_next_unit_works(live):
+def test_disconnect_inside_a_unit_reaches_the_caller_then_the_next_unit_works(live: None) -> None:
     """A kill mid-unit raises to the caller, the dead connection is discarded at once, the next unit succeeds."""
 
     async def main() -> str:
@@ -106,19 +107,21 @@ def test_disconnect_inside_a_unit_reaches_the_caller_then_the_next_unit_works(li
                 await Order.objects.acreate(ref="m2")
         assert freshconn.is_disconnect(err.value)
         async with freshconn.aunit_of_work():
-            return (await Order.objects.acreate(ref="m3")).ref
+            ref: str = (await Order.objects.acreate(ref="m3")).ref
+            return ref
 
     assert run(main()) == "m3"
     assert sorted(Order.objects.values_list("ref", flat=True)) == ["m1", "m3"]
     assert counters()["discarded_error"] == 1
 
 
-def test_aeach_closed_early_ends_the_current_unit(live):
+def test_aeach_closed_early_ends_the_current_unit(live: None) -> None:
     """Breaking out of aeach inside contextlib.aclosing ends the unit in progress (units are not left open)."""
     from freshconn import _state
 
     async def main() -> int:
-        async with contextlib.aclosing(freshconn.aeach([1, 2, 3])) as items:
+        # aeach() is declared to return an AsyncIterator, which has no aclose(); it returns an async generator.
+        async with contextlib.aclosing(freshconn.aeach([1, 2, 3])) as items:  # type: ignore[type-var]
             async for item in items:
                 await Order.objects.acreate(ref=f"e{item}")
                 break
@@ -130,15 +133,15 @@ def test_aeach_closed_early_ends_the_current_unit(live):
     assert counters()["units"] == 1
 
 
-def test_aunit_of_work_rejects_sync_functions_and_positional_aliases():
+def test_aunit_of_work_rejects_sync_functions_and_positional_aliases() -> None:
     """aunit_of_work wraps only coroutine functions, and takes the alias as a keyword."""
     with pytest.raises(TypeError, match="coroutine"):
-        freshconn.aunit_of_work(lambda: None)
+        freshconn.aunit_of_work(lambda: None)  # type: ignore[type-var]  # the misuse under test
     with pytest.raises(TypeError, match="keyword"):
         freshconn.aunit_of_work("default")  # type: ignore[call-overload]
 
 
-def test_overlapping_async_units_each_act_and_a_kill_fails_only_the_tasks_in_flight(live):
+def test_overlapping_async_units_each_act_and_a_kill_fails_only_the_tasks_in_flight(live: None) -> None:
     """60 overlapping aunit_of_work tasks: each is its own unit; after a KILL mid-stream only tasks in flight fail."""
     kill_at = 30
     outcomes: dict[int, object] = {}

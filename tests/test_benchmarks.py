@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import django
 import pytest
@@ -35,7 +36,7 @@ needs_pool = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One quick run of every variant (loop, gap, Redis, idle aliases, pool on psycopg), this driver, no callgrind."""
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
@@ -52,12 +53,12 @@ def results(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "benchmark.png").stat().st_size > 0
     assert "freshconn against the targets" in (out / "results.md").read_text()
-    data = json.loads((out / "results.json").read_text())
+    data: dict[str, Any] = json.loads((out / "results.json").read_text())
     data["_out"] = out
     return data
 
 
-def test_quick_benchmark_reports_every_variant_and_policy(results):
+def test_quick_benchmark_reports_every_variant_and_policy(results: dict[str, Any]) -> None:
     """Every variant reports its policies with positive rates, and every round ran."""
     assert set(results["summary"]) == set(VARIANTS)
     assert results["instructions"] == {}  # --quick skips callgrind
@@ -73,7 +74,7 @@ def test_quick_benchmark_reports_every_variant_and_policy(results):
     assert results["drivers"][DRIVER]["idle_aliases"]["config"]["idle_aliases"] == results["config"]["idle_aliases"]
 
 
-def test_freshconn_never_pings_or_reconnects_when_busy_in_any_variant(results):
+def test_freshconn_never_pings_or_reconnects_when_busy_in_any_variant(results: dict[str, Any]) -> None:
     """0 pings and no connect beyond the first, whatever the message source, and with idle aliases configured."""
     for variant in VARIANTS:
         for policy, s in results["summary"][variant][DRIVER].items():
@@ -84,7 +85,7 @@ def test_freshconn_never_pings_or_reconnects_when_busy_in_any_variant(results):
             assert s["max_connects_per_round_incl_warmup"] <= 1, (variant, policy)
 
 
-def test_the_poll_runs_after_a_pause_and_the_forced_policies_do_what_they_say(results):
+def test_the_poll_runs_after_a_pause_and_the_forced_policies_do_what_they_say(results: dict[str, Any]) -> None:
     """After a gap or a Redis round trip every unit polls the socket; poll_never never does, poll_always always."""
     for variant in ("gap", "redis"):
         s = results["summary"][variant][DRIVER]
@@ -96,7 +97,7 @@ def test_the_poll_runs_after_a_pause_and_the_forced_policies_do_what_they_say(re
     assert results["summary"]["redis"][DRIVER]["unsafe"]["starved"] == 0  # the Redis list never ran dry
 
 
-def test_django_policies_ping_or_connect_once_per_unit(results):
+def test_django_policies_ping_or_connect_once_per_unit(results: dict[str, Any]) -> None:
     """The instrumentation sees what each Django policy really does: one ping, or one connect, per unit."""
     for variant in VARIANTS:
         s = results["summary"][variant][DRIVER]
@@ -105,7 +106,7 @@ def test_django_policies_ping_or_connect_once_per_unit(results):
     assert results["summary"]["loop"][DRIVER]["django_max_age_0"]["connects_per_1000"] == 1000
 
 
-def test_kill_trials_without_the_poll_fail_the_next_unit(results):
+def test_kill_trials_without_the_poll_fail_the_next_unit(results: dict[str, Any]) -> None:
     """The safety side of the trade-off is measured: with the poll off, a KILL between units fails the next one."""
     kills = results["kill_trials"][DRIVER]
     n = kills["trials"]
@@ -120,7 +121,7 @@ def test_kill_trials_without_the_poll_fail_the_next_unit(results):
 
 
 @needs_pool
-def test_pool_section_reports_three_policies_and_the_control_in_both_shapes(results):
+def test_pool_section_reports_three_policies_and_the_control_in_both_shapes(results: dict[str, Any]) -> None:
     """The pool section ran on psycopg: its two tables, every policy, each pool with the check its policy says."""
     pool = results["pool"][DRIVER]
     assert set(pool["busy"]) == POOL_BUSY
@@ -145,7 +146,7 @@ def test_pool_section_reports_three_policies_and_the_control_in_both_shapes(resu
 
 
 @needs_pool
-def test_pool_busy_freshconn_sends_no_round_trip_and_health_checks_one_per_checkout(results):
+def test_pool_busy_freshconn_sends_no_round_trip_and_health_checks_one_per_checkout(results: dict[str, Any]) -> None:
     """Busy: freshconn's check hands the connection out with 0 pings; Django's health checks ping at every checkout."""
     busy = results["pool"][DRIVER]["busy"]
     assert busy["pool_freshconn"]["pings_per_1000"] == 0
@@ -158,7 +159,7 @@ def test_pool_busy_freshconn_sends_no_round_trip_and_health_checks_one_per_check
 
 
 @needs_pool
-def test_pool_after_idle_freshconn_never_fails_and_the_pool_alone_does(results):
+def test_pool_after_idle_freshconn_never_fails_and_the_pool_alone_does(results: dict[str, Any]) -> None:
     """After idling past the server's limit: freshconn 0 failures, 0 pings; the pool alone hands out dead ones."""
     idle = results["pool"][DRIVER]["idle"]
     fc, hc, alone = idle["pool_freshconn"], idle["pool_health_checks"], idle["pool"]

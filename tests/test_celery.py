@@ -11,6 +11,7 @@ from typing import Any
 import celery
 import pytest
 from celery import Celery
+from testbed.redis import Redis
 
 from freshconn import _inspect
 from tests.conftest import DRIVER, IDLE_PAST_TIMEOUT
@@ -77,8 +78,8 @@ def worker(pool: str, concurrency: int, env: dict[str, str], name: str = "celery
 
 @pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 2), ("threads", 2), ("solo", 1)])
 def test_tasks_reuse_connections_and_survive_idle_past_server_timeout(
-    live, redis_server, redis_client, producer, pool, concurrency
-):
+    live: None, redis_server: Redis, redis_client: Any, producer: Celery, pool: str, concurrency: int
+) -> None:
     """Busy tasks share one connection per worker thread with no ping; after the server's idle timeout, no error."""
     env = worker_env(redis_server, FRESHCONN_TEST_PARENT_QUERY="1" if pool == "prefork" else "0")
     with worker(pool, concurrency, env) as w:
@@ -102,7 +103,9 @@ def test_tasks_reuse_connections_and_survive_idle_past_server_timeout(
 
 
 @pytest.mark.skipif(celery.VERSION < (5, 6), reason="Celery < 5.6 closed only obsolete connections per task")
-def test_without_freshconn_celery_opens_a_connection_per_task(live, redis_server, redis_client, producer):
+def test_without_freshconn_celery_opens_a_connection_per_task(
+    live: None, redis_server: Redis, redis_client: Any, producer: Celery
+) -> None:
     """Contrast: Celery's own Django fix-up closes every connection after each task, so each task connects anew."""
     with worker("solo", 1, worker_env(redis_server, integration=False)) as w:
         send(producer, *(f"plain-{i}" for i in range(4)))
@@ -140,7 +143,9 @@ def wait_for_log(w: WorkerProcess, text: str, timeout: float = 30.0) -> str:
 
 
 @one_driver_per_vendor(mysql="pymysql", postgresql="psycopg2")
-def test_greenlet_pools_run_units_leave_no_session_and_warn_at_start(live, redis_server, redis_client):
+def test_greenlet_pools_run_units_leave_no_session_and_warn_at_start(
+    live: None, redis_server: Redis, redis_client: Any
+) -> None:
     """gevent/eventlet: a unit per task in its greenlet, none left open; at start, W010 and psycopg2's error."""
     # Never import eventlet (or gevent) into the test process: eventlet warns on every later fork().
     for pool in ("gevent", "eventlet"):

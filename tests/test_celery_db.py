@@ -23,6 +23,8 @@ from django.apps import apps
 from django.conf import settings
 from django.db import connection
 from django.test import override_settings
+from testbed.redis import Redis
+from testbed.servers import DBServer
 
 from tests.conftest import IDLE_PAST_TIMEOUT, VENDOR
 from tests.queue_tasks.faults import close_test_connections, kill_sessions, restart_server
@@ -199,18 +201,28 @@ def db_errors(log: str) -> list[str]:
 
 
 def test_main_process_states_long_task_results_and_beat_ride_idle_kill_and_restart(
-    live, celery_tables, server, redis_server, tmp_path
-):
+    live: None, celery_tables: None, server: DBServer, redis_server: Redis, tmp_path: Path
+) -> None:
     """MainProcess states, a long task's result and beat survive idle, KILL and a restart; without it they fail."""
     tasks, plain = Tasks(producer(redis_server, 0)), Tasks(producer(redis_server, 1), prefix="plain-")
     beats, plain_beats = Periodic("freshconn-beat"), Periodic("plain-beat")
-    beat_env = {"FRESHCONN_TEST_BEAT_MAX_LOOP": "3"}
+    max_loop = "3"  # FRESHCONN_TEST_BEAT_MAX_LOOP: each beat wakes up at least every 3 s
     with side_by_side(
         worker(db_env(redis_server), "fc"),
         worker(db_env(redis_server, integration=False, db=1), "plain"),
-        beat(db_env(redis_server, db=2, FRESHCONN_TEST_BEAT_TASK=beats.name, **beat_env), tmp_path, "fc"),
         beat(
-            db_env(redis_server, integration=False, db=3, FRESHCONN_TEST_BEAT_TASK=plain_beats.name, **beat_env),
+            db_env(redis_server, db=2, FRESHCONN_TEST_BEAT_TASK=beats.name, FRESHCONN_TEST_BEAT_MAX_LOOP=max_loop),
+            tmp_path,
+            "fc",
+        ),
+        beat(
+            db_env(
+                redis_server,
+                integration=False,
+                db=3,
+                FRESHCONN_TEST_BEAT_TASK=plain_beats.name,
+                FRESHCONN_TEST_BEAT_MAX_LOOP=max_loop,
+            ),
             tmp_path,
             "p",
         ),

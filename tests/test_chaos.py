@@ -6,10 +6,12 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.db import Error
 from testbed.redis import Redis
+from testbed.servers import DBServer
 
 import freshconn
 from tests.app.models import Order
@@ -29,14 +31,14 @@ def queue() -> Iterator[Redis]:
 class Killer(threading.Thread):
     """Kills every session of the app user from a superuser session, at random short intervals."""
 
-    def __init__(self, server, max_kills: int = 60) -> None:
+    def __init__(self, server: DBServer, max_kills: int = 60) -> None:
         super().__init__(daemon=True)
         self.admin = admin_connection(server)
         self.stop = threading.Event()
         self.kills = 0
         self.max_kills = max_kills
 
-    def _sessions(self, cursor) -> list[int]:
+    def _sessions(self, cursor: Any) -> list[int]:
         cursor.execute(
             "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = 'app'"
             if VENDOR == "mysql"
@@ -63,7 +65,9 @@ class Killer(threading.Thread):
             self.admin.close()
 
 
-def test_chaos_every_message_applied_exactly_once_without_restart(live, server, queue, capsys):
+def test_chaos_every_message_applied_exactly_once_without_restart(
+    live: None, server: DBServer, queue: Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Thousands of messages, random kills: every message is applied exactly once and the loop never dies."""
     client = queue.client()
     client.rpush("jobs", *[f"m-{i}" for i in range(MESSAGES)])

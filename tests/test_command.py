@@ -8,11 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from django.core.management import call_command
 from django.db import connections
+from testbed.servers import DBServer
 
 import freshconn
 from freshconn.command import policy_summary
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.server
 PASSWORD = "app-secret-pw"
 
 
-def abandoned_sessions(server) -> int:
+def abandoned_sessions(server: DBServer) -> int:
     """Sessions the server saw end without a proper close from the client (the process just vanished)."""
     if VENDOR == "mysql":
         return int(server.admin_sql("SHOW GLOBAL STATUS LIKE 'Aborted_clients'").split()[1])
@@ -33,7 +34,7 @@ def abandoned_sessions(server) -> int:
     return int(server.admin_sql(f"SELECT sessions_abandoned FROM pg_stat_database WHERE datname = '{name}'").strip())
 
 
-def settle(read, expected: int, timeout: float = 10.0) -> int:
+def settle(read: Callable[[], int], expected: int, timeout: float = 10.0) -> int:
     deadline = time.monotonic() + timeout
     value = read()
     while value != expected and time.monotonic() < deadline:
@@ -100,14 +101,14 @@ class Worker:
 
 
 @pytest.fixture
-def worker(live) -> Iterator[type[Worker]]:
+def worker(live: None) -> Iterator[Callable[..., Worker]]:
     made: list[Worker] = []
 
     def make(*argv: str) -> Worker:
         made.append(Worker(*argv))
         return made[-1]
 
-    yield make  # type: ignore[misc]
+    yield make
     for w in made:
         w.close()
 
@@ -117,7 +118,9 @@ def rows() -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_lets_the_current_unit_finish_and_commit_then_exits_0(sig, worker, server):
+def test_stop_signal_lets_the_current_unit_finish_and_commit_then_exits_0(
+    sig: signal.Signals, worker: Callable[..., Worker], server: DBServer
+) -> None:
     """A stop signal during a slow unit: that unit commits, no other message starts, exit 0, no connection left."""
     before = baseline(server)
     abandoned = abandoned_sessions(server)
@@ -133,7 +136,7 @@ def test_stop_signal_lets_the_current_unit_finish_and_commit_then_exits_0(sig, w
     assert rows() == ["w1-end", "w1-start"]
 
 
-def test_a_message_fetched_after_sigterm_is_never_started(worker):
+def test_a_message_fetched_after_sigterm_is_never_started(worker: Callable[..., Worker]) -> None:
     """SIGTERM while the source blocks in next(): what it then returns goes to message_not_started(), exit 0."""
     w = worker("fc_blocking_worker")
     w.wait_for("SOURCE-BLOCKING")
@@ -145,7 +148,7 @@ def test_a_message_fetched_after_sigterm_is_never_started(worker):
     assert rows() == ["first"]
 
 
-def test_a_second_signal_stops_at_once_and_the_open_transaction_rolls_back(worker):
+def test_a_second_signal_stops_at_once_and_the_open_transaction_rolls_back(worker: Callable[..., Worker]) -> None:
     """A second stop signal aborts the unit in progress (exit 128 + signal) and its transaction is rolled back."""
     w = worker("fc_slow_worker", "w1", "--pause", "30")
     w.wait_for("UNIT-STARTED w1")
@@ -156,7 +159,7 @@ def test_a_second_signal_stops_at_once_and_the_open_transaction_rolls_back(worke
     assert rows() == []
 
 
-def test_start_up_line_shows_the_effective_policy_without_credentials(worker):
+def test_start_up_line_shows_the_effective_policy_without_credentials(worker: Callable[..., Worker]) -> None:
     """The command starts by printing CHECK_AFTER_IDLE, CONN_MAX_AGE and the driver per alias, never a password."""
     w = worker("fc_slow_worker", "w1", "--pause", "0")
     assert w.finish() == 0, w.stderr()
@@ -168,7 +171,7 @@ def test_start_up_line_shows_the_effective_policy_without_credentials(worker):
     assert rows() == ["w1-end", "w1-start"]
 
 
-def test_abandoned_session_counter_sees_a_process_that_exits_without_closing(live, server):
+def test_abandoned_session_counter_sees_a_process_that_exits_without_closing(live: None, server: DBServer) -> None:
     """The 'no connection left' check can fail: a process that exits without closing is counted as abandoned."""
     abandoned = abandoned_sessions(server)
     code = (
@@ -179,7 +182,7 @@ def test_abandoned_session_counter_sees_a_process_that_exits_without_closing(liv
     assert settle(lambda: abandoned_sessions(server), abandoned + 1) == abandoned + 1
 
 
-def test_in_process_run_uses_one_unit_per_message(live):
+def test_in_process_run_uses_one_unit_per_message(live: None) -> None:
     """Called in-process (not the main thread's signals), each message is one unit and connections are closed after."""
     freshconn.reset_stats()
     done: list[BaseException] = []
@@ -198,7 +201,7 @@ def test_in_process_run_uses_one_unit_per_message(live):
     assert freshconn.stats()["default"]["units"] == 2
 
 
-def test_policy_summary_names_each_alias_and_never_a_password():
+def test_policy_summary_names_each_alias_and_never_a_password() -> None:
     """policy_summary() lists every alias with its vendor, driver and effective lifetime, and no credential."""
     line = policy_summary()
     assert "default:" in line

@@ -18,7 +18,7 @@ from django.db import connection, transaction
 from django.test import override_settings
 from testbed.netns import BlackHoleNet
 from testbed.proxies import HAProxy
-from testbed.servers import MariaDB, PostgreSQL, Server
+from testbed.servers import DBServer, MariaDB, PostgreSQL
 
 import freshconn
 from tests.conftest import VENDOR, admin_connection, backend_id, counters
@@ -28,13 +28,14 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 HOLD = 2.5  # seconds the server keeps the COMMIT waiting
 
 
-def _admin_sql(server: Server, sql: str, db: str) -> str:
+def _admin_sql(server: DBServer, sql: str, db: str) -> str:
     if VENDOR == "mysql":
-        return server.admin_sql(f"USE {db}; {sql}")  # type: ignore[attr-defined]
-    return server.admin_sql(sql, db=db)  # type: ignore[attr-defined]
+        return server.admin_sql(f"USE {db}; {sql}")
+    assert isinstance(server, PostgreSQL)
+    return server.admin_sql(sql, db=db)
 
 
-def prepare(server: Server, db: str) -> None:
+def prepare(server: DBServer, db: str) -> None:
     """A table fc_tx, and (PostgreSQL) a deferred trigger that holds a COMMIT for SET LOCAL fc.hold seconds."""
     if VENDOR == "mysql":
         _admin_sql(server, "CREATE TABLE IF NOT EXISTS fc_tx (id INT AUTO_INCREMENT PRIMARY KEY, ref VARCHAR(40))", db)
@@ -58,7 +59,7 @@ def prepare(server: Server, db: str) -> None:
 class Hold:
     """Makes the next COMMIT of this test wait on the server for ``seconds``."""
 
-    def __init__(self, server: Server, admin: Callable[[], Any], seconds: float = HOLD) -> None:
+    def __init__(self, server: DBServer, admin: Callable[[], Any], seconds: float = HOLD) -> None:
         self.server, self.admin, self.seconds = server, admin, seconds
         self.holder: Any = None
 
@@ -95,7 +96,7 @@ def _state_sql(session: int) -> str:
 class WhenCommitting(threading.Thread):
     """Runs ``action`` as soon as the server shows the session waiting in its COMMIT."""
 
-    def __init__(self, server: Server, session: int, action: Callable[[], None]) -> None:
+    def __init__(self, server: DBServer, session: int, action: Callable[[], None]) -> None:
         super().__init__(daemon=True)
         self.server, self.session, self.action = server, session, action
         self.fired = False
@@ -103,7 +104,7 @@ class WhenCommitting(threading.Thread):
     def run(self) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            state = self.server.admin_sql(_state_sql(self.session)).strip().lower()  # type: ignore[attr-defined]
+            state = self.server.admin_sql(_state_sql(self.session)).strip().lower()
             if "commit" in state:
                 self.action()
                 self.fired = True
@@ -111,12 +112,12 @@ class WhenCommitting(threading.Thread):
             time.sleep(0.02)
 
 
-def rows(server: Server, db: str, ref: str) -> int:
+def rows(server: DBServer, db: str, ref: str) -> int:
     return int(_admin_sql(server, f"SELECT COUNT(*) FROM fc_tx WHERE ref = '{ref}'", db).split()[-1])
 
 
 def run_lost_commit(
-    server: Server, db: str, fault: Callable[[], None], ref: str, hold_for: float = HOLD
+    server: DBServer, db: str, fault: Callable[[], None], ref: str, hold_for: float = HOLD
 ) -> tuple[Any, int]:
     """A retrying unit whose COMMIT is held, then hit by ``fault``; returns (the error raised, attempts)."""
     hold = Hold(server, lambda: admin_connection(server), hold_for)
@@ -145,7 +146,7 @@ def run_lost_commit(
     return err.value, len(calls)
 
 
-def check_never_twice(exc: Any, attempts: int, server: Server, db: str, ref: str) -> None:
+def check_never_twice(exc: Any, attempts: int, server: DBServer, db: str, ref: str) -> None:
     assert attempts == 1
     assert freshconn.is_disconnect(exc)
     assert exc.alias == "default"
@@ -159,7 +160,7 @@ def check_never_twice(exc: Any, attempts: int, server: Server, db: str, ref: str
     assert rows(server, db, ref) <= 1
 
 
-def test_commit_lost_to_a_kill_is_ambiguous_and_never_replayed(live, server):
+def test_commit_lost_to_a_kill_is_ambiguous_and_never_replayed(live: None, server: DBServer) -> None:
     """COMMIT held, then the session killed (Django's reconnect succeeds): AmbiguousCommitError, one attempt."""
     db = connection.settings_dict["NAME"]
     prepare(server, db)
@@ -167,7 +168,7 @@ def test_commit_lost_to_a_kill_is_ambiguous_and_never_replayed(live, server):
 
     def kill() -> None:
         sql = f"KILL {victim[0]}" if VENDOR == "mysql" else f"SELECT pg_terminate_backend({victim[0]})"
-        server.admin_sql(sql)  # type: ignore[attr-defined]
+        server.admin_sql(sql)
 
     connection.ensure_connection()
     victim.append(backend_id())
@@ -176,7 +177,7 @@ def test_commit_lost_to_a_kill_is_ambiguous_and_never_replayed(live, server):
 
 
 @pytest.fixture
-def proxied(dbconf: Callable[..., None], server: Server) -> Iterator[HAProxy]:
+def proxied(dbconf: Callable[..., None], server: DBServer) -> Iterator[HAProxy]:
     """The default alias through an HAProxy (TCP) in front of the session's server."""
     proxy = HAProxy(server.port, idle_timeout=3600)
     proxy.start()
@@ -187,7 +188,7 @@ def proxied(dbconf: Callable[..., None], server: Server) -> Iterator[HAProxy]:
         proxy.stop()
 
 
-def test_commit_lost_to_a_proxy_cut_with_reconnect_refused_is_ambiguous(proxied, server):
+def test_commit_lost_to_a_proxy_cut_with_reconnect_refused_is_ambiguous(proxied: HAProxy, server: DBServer) -> None:
     """COMMIT held, then the proxy restarts: Django's reconnect is refused, yet the unit raises AmbiguousCommitError."""
     db = connection.settings_dict["NAME"]
     prepare(server, db)
@@ -203,7 +204,7 @@ def test_commit_lost_to_a_proxy_cut_with_reconnect_refused_is_ambiguous(proxied,
     assert rows(server, db, "cut") == 1  # the server finished that COMMIT after the client was gone
 
 
-def test_commit_lost_to_a_server_restart_is_ambiguous(live, server):
+def test_commit_lost_to_a_server_restart_is_ambiguous(live: None, server: DBServer) -> None:
     """COMMIT held, then the server restarts (reconnect refused while it is down): AmbiguousCommitError, one attempt."""
     db = connection.settings_dict["NAME"]
     prepare(server, db)
@@ -224,11 +225,11 @@ def test_commit_lost_to_a_server_restart_is_ambiguous(live, server):
 
 
 @pytest.fixture(scope="module")
-def black_hole_server() -> Iterator[tuple[BlackHoleNet, Server]]:
+def black_hole_server() -> Iterator[tuple[BlackHoleNet, DBServer]]:
     """A server inside a network namespace whose port can silently drop every packet."""
     net = BlackHoleNet()
     net.start()
-    srv: Server = (MariaDB if VENDOR == "mysql" else PostgreSQL)(host=net.ns_ip, prefix=net.prefix())
+    srv: DBServer = (MariaDB if VENDOR == "mysql" else PostgreSQL)(host=net.ns_ip, prefix=net.prefix())
     try:
         srv.start()
         yield net, srv
@@ -249,7 +250,9 @@ def _read_timeout_options() -> dict[str, Any]:
     }
 
 
-def test_commit_lost_to_a_black_hole_is_ambiguous(dbconf, black_hole_server):
+def test_commit_lost_to_a_black_hole_is_ambiguous(
+    dbconf: Callable[..., None], black_hole_server: tuple[BlackHoleNet, DBServer]
+) -> None:
     """COMMIT held, then its path black-holed: the read times out, the reconnect too, and the unit is ambiguous."""
     net, srv = black_hole_server
     prepare(srv, "freshconn")
@@ -266,7 +269,7 @@ def test_commit_lost_to_a_black_hole_is_ambiguous(dbconf, black_hole_server):
     check_never_twice(exc, attempts, srv, "freshconn", "hole")
 
 
-def test_commit_lost_inside_each_surfaces_as_ambiguous(proxied, server):
+def test_commit_lost_inside_each_surfaces_as_ambiguous(proxied: HAProxy, server: DBServer) -> None:
     """The README's headline shape, each() around a retrying handler: a lost COMMIT reaches the loop as ambiguous."""
     db = connection.settings_dict["NAME"]
     prepare(server, db)

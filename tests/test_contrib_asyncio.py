@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
+from testbed.servers import DBServer
 
 from freshconn.contrib import asyncio as fc_asyncio
 from tests.conftest import IDLE_PAST_TIMEOUT, counters
@@ -69,7 +70,9 @@ def orm_thread_closed() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_default_executor_calls_are_units_reused_busy_checked_after_idle_and_closed_at_the_end(short_timeout, server):
+def test_default_executor_calls_are_units_reused_busy_checked_after_idle_and_closed_at_the_end(
+    short_timeout: int, server: DBServer
+) -> None:
     """run_in_executor(None, ...): busy calls reuse one connection per thread; after idle none fails; none left."""
     before = baseline(server)
     seen: dict[str, Any] = {}
@@ -96,7 +99,9 @@ def test_default_executor_calls_are_units_reused_busy_checked_after_idle_and_clo
 
 
 @pytest.mark.slow
-def test_without_it_every_default_executor_thread_fails_after_idle_and_keeps_its_session(short_timeout, server):
+def test_without_it_every_default_executor_thread_fails_after_idle_and_keeps_its_session(
+    short_timeout: int, server: DBServer
+) -> None:
     """Contrast: asyncio's own default executor fails every call after the idle limit; its sessions outlive the loop."""
     before = baseline(server)
     seen: dict[str, Any] = {}
@@ -120,7 +125,9 @@ def test_without_it_every_default_executor_thread_fails_after_idle_and_keeps_its
 
 
 @pytest.mark.parametrize("thread_sensitive", [False, True])
-def test_a_cancelled_sync_to_async_call_leaves_no_session(live, server, orm_thread_closed, thread_sensitive):
+def test_a_cancelled_sync_to_async_call_leaves_no_session(
+    live: None, server: DBServer, orm_thread_closed: None, thread_sensitive: bool
+) -> None:
     """A sync_to_async call whose awaiting task was cancelled runs to its end; its connection is closed at the end."""
     before = baseline(server)
     fc_asyncio.run(cancel_mid_call(thread_sensitive))
@@ -129,7 +136,9 @@ def test_a_cancelled_sync_to_async_call_leaves_no_session(live, server, orm_thre
         assert counters()["units"] == 1  # in the default executor: a unit of its own
 
 
-def test_without_it_a_cancelled_thread_sensitive_call_keeps_its_session_after_the_loop(live, server, orm_thread_closed):
+def test_without_it_a_cancelled_thread_sensitive_call_keeps_its_session_after_the_loop(
+    live: None, server: DBServer, orm_thread_closed: None
+) -> None:
     """Contrast: with plain asyncio.run, the cancelled call's connection stays open in asgiref's thread after GC."""
     before = baseline(server)
     asyncio.run(cancel_mid_call(True))
@@ -138,7 +147,7 @@ def test_without_it_a_cancelled_thread_sensitive_call_keeps_its_session_after_th
     assert app_connections(server) == before + 1
 
 
-def test_install_sets_the_running_loops_default_executor_and_checks_the_alias():
+def test_install_sets_the_running_loops_default_executor_and_checks_the_alias() -> None:
     """install() puts a freshconn pool in the running loop (asyncio.to_thread uses it); a typo'd alias fails."""
 
     async def main() -> tuple[Any, Any]:

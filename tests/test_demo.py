@@ -59,7 +59,7 @@ def still_running(pid: int) -> bool:
     return any(name in cmdline for name in (b"mariadbd", b"tansu", b"redis-server", b"consume_orders"))
 
 
-def test_plain_loop_stays_broken_after_the_server_drops_the_idle_connection(demo):
+def test_plain_loop_stays_broken_after_the_server_drops_the_idle_connection(demo: dict[str, Any]) -> None:
     """Without freshconn, the consumer hits a disconnect error after the idle and loses later orders."""
     plain = demo["modes"]["plain"]
     sent = sum(plain["sent"].values())
@@ -71,7 +71,7 @@ def test_plain_loop_stays_broken_after_the_server_drops_the_idle_connection(demo
     assert plain["consumer"]["seen"] == sent  # the worker kept running, and kept failing
 
 
-def test_freshconn_loop_writes_every_order_exactly_once(demo):
+def test_freshconn_loop_writes_every_order_exactly_once(demo: dict[str, Any]) -> None:
     """With freshconn.each(), the consumer discards the dropped connection and writes every order once."""
     fresh = demo["modes"]["freshconn"]
     sent = sum(fresh["sent"].values())
@@ -82,7 +82,7 @@ def test_freshconn_loop_writes_every_order_exactly_once(demo):
     assert fresh["committed"] == sent
 
 
-def test_demo_reports_success_and_leaves_nothing_behind(demo):
+def test_demo_reports_success_and_leaves_nothing_behind(demo: dict[str, Any]) -> None:
     """The demo exits 0 and every process and temporary folder it started is gone."""
     assert demo["returncode"] == 0, demo["output"]
     assert demo["ok"] is True
@@ -96,7 +96,9 @@ def test_demo_reports_success_and_leaves_nothing_behind(demo):
 
 
 @pytest.mark.broker
-def test_plain_rq_simple_worker_stays_broken_after_the_server_drops_the_idle_connection(demo_rq):
+def test_plain_rq_simple_worker_stays_broken_after_the_server_drops_the_idle_connection(
+    demo_rq: dict[str, Any],
+) -> None:
     """Without freshconn, rq.SimpleWorker fails every job after the idle with a disconnect, and RQ records them."""
     plain = demo_rq["modes"]["plain"]
     sent = sum(plain["sent"].values())
@@ -113,7 +115,7 @@ def test_plain_rq_simple_worker_stays_broken_after_the_server_drops_the_idle_con
 
 
 @pytest.mark.broker
-def test_freshconn_rq_simple_worker_writes_every_order_exactly_once(demo_rq):
+def test_freshconn_rq_simple_worker_writes_every_order_exactly_once(demo_rq: dict[str, Any]) -> None:
     """With FreshconnSimpleWorker, no job fails: the dropped connection is discarded and every order written once."""
     fresh = demo_rq["modes"]["freshconn"]
     sent = sum(fresh["sent"].values())
@@ -128,7 +130,7 @@ def test_freshconn_rq_simple_worker_writes_every_order_exactly_once(demo_rq):
 
 
 @pytest.mark.broker
-def test_plain_forking_rq_worker_opens_a_connection_per_job_and_never_closes_it(demo_rq):
+def test_plain_forking_rq_worker_opens_a_connection_per_job_and_never_closes_it(demo_rq: dict[str, Any]) -> None:
     """RQ's forking Worker survives the idle only because each job's horse connects anew, then exits without closing."""
     fork = demo_rq["modes"]["plain_fork"]
     sent = sum(fork["sent"].values())
@@ -143,7 +145,7 @@ def test_plain_forking_rq_worker_opens_a_connection_per_job_and_never_closes_it(
 
 
 @pytest.mark.broker
-def test_rq_demo_reports_success_and_leaves_nothing_behind(demo_rq):
+def test_rq_demo_reports_success_and_leaves_nothing_behind(demo_rq: dict[str, Any]) -> None:
     """The RQ demo exits 0 and every process (servers, workers, work horses) and folder it started is gone."""
     assert demo_rq["returncode"] == 0, demo_rq["output"]
     assert demo_rq["ok"] is True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import django
 import pytest
@@ -18,12 +20,12 @@ from tests.app.models import Order
 pytestmark = [pytest.mark.server]
 
 
-def test_django_version_is_a_supported_series():
+def test_django_version_is_a_supported_series() -> None:
     """The suite runs on a Django series freshconn supports (4.2, 5.2 or 6.x)."""
     assert django.VERSION[:2] >= (4, 2)
 
 
-def test_thread_wrapper_reads_this_threads_local_without_creating_one(live):
+def test_thread_wrapper_reads_this_threads_local_without_creating_one(live: None) -> None:
     """connections._connections is the per-thread Local: read it without creating a wrapper for another thread."""
     connection.ensure_connection()
     assert _django.thread_wrapper("default") is connections["default"]
@@ -34,13 +36,13 @@ def test_thread_wrapper_reads_this_threads_local_without_creating_one(live):
     assert seen == [None]
 
 
-def test_initialized_wrappers_lists_only_this_threads_wrappers(live):
+def test_initialized_wrappers_lists_only_this_threads_wrappers(live: None) -> None:
     """connections.all(initialized_only=True) (Django >= 4.1) lists the wrappers this thread created."""
     connection.ensure_connection()
     assert connections["default"] in _django.initialized_wrappers()
 
 
-def test_health_check_done_exists_and_is_reset_by_close_if_unusable(live):
+def test_health_check_done_exists_and_is_reset_by_close_if_unusable(live: None) -> None:
     """health_check_done is a wrapper attribute Django resets in close_if_unusable_or_obsolete()."""
     conn = connections["default"]
     conn.ensure_connection()
@@ -49,7 +51,7 @@ def test_health_check_done_exists_and_is_reset_by_close_if_unusable(live):
     assert getattr(conn, _django.HEALTH_CHECK_DONE) is False
 
 
-def test_close_old_connections_calls_the_per_connection_step_on_the_instance(live):
+def test_close_old_connections_calls_the_per_connection_step_on_the_instance(live: None) -> None:
     """django.db.close_old_connections() looks the per-connection step up on each wrapper instance."""
     calls = []
     conn = connections["default"]
@@ -63,25 +65,25 @@ def test_close_old_connections_calls_the_per_connection_step_on_the_instance(liv
     assert calls == [1]
 
 
-def test_close_old_connections_is_djangos_request_signal_receiver():
+def test_close_old_connections_is_djangos_request_signal_receiver() -> None:
     """Django connects close_old_connections to both request signals (freshconn re-points them under adoption)."""
     for signal in (request_started, request_finished):
         assert any(_deref(entry[1]) is close_old_connections for entry in signal.receivers)
 
 
-def _deref(ref):
+def _deref(ref: object) -> object:
     return ref() if isinstance(ref, weakref.ReferenceType) else ref
 
 
-def test_execute_wrappers_index_zero_is_outermost_and_survives_execute_wrapper_exit(live):
+def test_execute_wrappers_index_zero_is_outermost_and_survives_execute_wrapper_exit(live: None) -> None:
     """A wrapper inserted at index 0 wraps every other one and is not popped by connection.execute_wrapper()."""
     order: list[str] = []
 
-    def outer(execute, sql, params, many, context):
+    def outer(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
         order.append("outer")
         return execute(sql, params, many, context)
 
-    def inner(execute, sql, params, many, context):
+    def inner(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
         order.append("inner")
         return execute(sql, params, many, context)
 
@@ -97,7 +99,7 @@ def test_execute_wrappers_index_zero_is_outermost_and_survives_execute_wrapper_e
     assert order[:2] == ["outer", "inner"]
 
 
-def test_a_lost_commit_error_carries_djangos_commit_frame(live):
+def test_a_lost_commit_error_carries_djangos_commit_frame(live: None) -> None:
     """An error raised during COMMIT has a traceback through BaseDatabaseWrapper._commit with the wrapper as self."""
     try:
         with transaction.atomic():
@@ -115,7 +117,7 @@ def test_a_lost_commit_error_carries_djangos_commit_frame(live):
         pytest.fail("COMMIT on a closed driver connection did not fail")
 
 
-def test_commit_and_atomic_exit_use_the_names_freshconn_expects():
+def test_commit_and_atomic_exit_use_the_names_freshconn_expects() -> None:
     """BaseDatabaseWrapper has _commit, on_commit(robust=...), execute_wrappers and close_if_unusable_or_obsolete."""
     assert callable(getattr(BaseDatabaseWrapper, _django.COMMIT_FRAME))
     assert callable(getattr(BaseDatabaseWrapper, _django.AUTOCOMMIT_STEP))
@@ -126,7 +128,7 @@ def test_commit_and_atomic_exit_use_the_names_freshconn_expects():
     assert isinstance(connection.execute_wrappers, list)
 
 
-def test_rollback_goes_through_the_instances_rollback_step(live):
+def test_rollback_goes_through_the_instances_rollback_step(live: None) -> None:
     """Django's rollback() calls the wrapper's own _rollback(), so an instance attribute shadows it."""
     seen: list[str] = []
     connection.ensure_connection()
@@ -142,7 +144,7 @@ def test_rollback_goes_through_the_instances_rollback_step(live):
     assert seen == ["rollback"]
 
 
-def test_freshconn_leaves_djangos_close_at_alone(live):
+def test_freshconn_leaves_djangos_close_at_alone(live: None) -> None:
     """freshconn never rewrites close_at: code outside units keeps Django's own CONN_MAX_AGE."""
     with freshconn.unit_of_work():
         Order.objects.count()

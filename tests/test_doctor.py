@@ -13,7 +13,7 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 from testbed.proxies import HAProxy, PgBouncer
-from testbed.servers import Server, free_port
+from testbed.servers import DBServer, free_port
 
 from freshconn import _inspect
 
@@ -60,14 +60,14 @@ def verdict(data: dict[str, Any], doctor_id: str, alias: str = "doc") -> dict[st
 
 
 @contextmanager
-def alias(server: Server, name: str = "doc", **extra: Any) -> Iterator[str]:
+def alias(server: DBServer, name: str = "doc", **extra: Any) -> Iterator[str]:
     """A database alias on ``server`` with sane timeouts, overridable per test."""
     settings = server.django_settings(**{"CONN_MAX_AGE": 60, "OPTIONS": dict(TIMEOUTS), **extra})
     with temp_alias(name, settings):
         yield name
 
 
-def test_healthy_alias_exits_zero(server: Server) -> None:
+def test_healthy_alias_exits_zero(server: DBServer) -> None:
     """Timeouts set and a lifetime below every limit: nothing to fix, status ok, exit code 0."""
     with alias(server):
         code, out, _ = doctor("--database", "doc")
@@ -78,7 +78,7 @@ def test_healthy_alias_exits_zero(server: Server) -> None:
     assert (code, data["status"], data["exit_code"]) == (0, "ok", 0)
 
 
-def test_notes_alone_exit_zero(server: Server) -> None:
+def test_notes_alone_exit_zero(server: DBServer) -> None:
     """A server that kills sessions idle inside a transaction gets a note only, and exit code 0."""
     setting = (
         {"init_command": "SET SESSION idle_transaction_timeout = 60"}
@@ -92,7 +92,7 @@ def test_notes_alone_exit_zero(server: Server) -> None:
     assert code == 0
 
 
-def test_lifetime_above_server_idle_limit(server: Server) -> None:
+def test_lifetime_above_server_idle_limit(server: DBServer) -> None:
     """Django's CONN_MAX_AGE=None against a server dropping sessions idle 20 s: W004, a fix below 20 s, exit 1."""
     with alias(server, CONN_MAX_AGE=None, OPTIONS={**TIMEOUTS, **short_server_timeout_options(20)}):
         code, data = doctor_json("--database", "doc")
@@ -104,7 +104,7 @@ def test_lifetime_above_server_idle_limit(server: Server) -> None:
     assert code == 1
 
 
-def test_idle_limit_finding_judges_djangos_own_conn_max_age(server: Server) -> None:
+def test_idle_limit_finding_judges_djangos_own_conn_max_age(server: DBServer) -> None:
     """W004 is about code outside units: FRESHCONN's lifetime cannot fix it, Django's CONN_MAX_AGE can."""
     options = {**TIMEOUTS, **short_server_timeout_options(20)}
     with override_settings(FRESHCONN={"CONN_MAX_AGE": 15}), alias(server, CONN_MAX_AGE=None, OPTIONS=options):
@@ -117,7 +117,7 @@ def test_idle_limit_finding_judges_djangos_own_conn_max_age(server: Server) -> N
         assert "lifetime-above-idle-limit" not in verdict_ids(data)
 
 
-def test_three_second_server_limit_gets_concrete_advice(server: Server) -> None:
+def test_three_second_server_limit_gets_concrete_advice(server: DBServer) -> None:
     """A 3 s server limit gets 'at most 2', and a lifetime of 0 in units the advice 1800, never 'a few minutes'."""
     options = {**TIMEOUTS, **short_server_timeout_options(3)}
     with override_settings(FRESHCONN={"CONN_MAX_AGE": 0}), alias(server, CONN_MAX_AGE=600, OPTIONS=options):
@@ -134,7 +134,7 @@ def test_three_second_server_limit_gets_concrete_advice(server: Server) -> None:
     assert code == 1
 
 
-def test_no_read_timeout(server: Server) -> None:
+def test_no_read_timeout(server: DBServer) -> None:
     """No driver timeouts in OPTIONS: the no-read-timeout warning (W002) names the options to set."""
     with alias(server, OPTIONS={"ssl_disabled": True} if DRIVER == "pymysql" else {}):
         _, data = doctor_json("--database", "doc")
@@ -145,7 +145,7 @@ def test_no_read_timeout(server: Server) -> None:
 
 
 @pytest.mark.skipif(DRIVER != "pymysql", reason="PyMySQL only")
-def test_pymysql_tls_cost_against_a_server_without_tls(server: Server) -> None:
+def test_pymysql_tls_cost_against_a_server_without_tls(server: DBServer) -> None:
     """PyMySQL with no ssl option against a server without TLS is warned about; ssl_disabled fixes it."""
     bare = {k: v for k, v in TIMEOUTS.items() if k != "ssl_disabled"}
     with alias(server, OPTIONS=bare):
@@ -155,7 +155,7 @@ def test_pymysql_tls_cost_against_a_server_without_tls(server: Server) -> None:
 
 
 @pytest.mark.skipif(DRIVER != "psycopg" or django.VERSION < (5, 1), reason="Django >= 5.1 pool on psycopg 3")
-def test_pool_is_judged_against_the_servers_idle_limit(server: Server) -> None:
+def test_pool_is_judged_against_the_servers_idle_limit(server: DBServer) -> None:
     """A pool max_idle above the server's idle limit is a note naming a shorter max_idle; a shorter one gets none."""
     limit = short_server_timeout_options(20)
     with alias(server, CONN_MAX_AGE=0, OPTIONS={**TIMEOUTS, **limit, "pool": {"min_size": 1}}):
@@ -178,25 +178,25 @@ def test_pool_is_judged_against_the_servers_idle_limit(server: Server) -> None:
 
 
 @pytest.mark.skipif(VENDOR != "mysql", reason="max_connections can change at run time on MariaDB only")
-def test_connections_nearly_exhausted(server: Server) -> None:
+def test_connections_nearly_exhausted(server: DBServer) -> None:
     """With 8 of max_connections=10 in use, the doctor warns before reconnects start being refused."""
-    before = server.admin_sql("SELECT @@GLOBAL.max_connections").strip()  # type: ignore[attr-defined]
+    before = server.admin_sql("SELECT @@GLOBAL.max_connections").strip()
     held: list[Any] = []
     with alias(server):
         try:
-            server.admin_sql("SET GLOBAL max_connections = 10")  # type: ignore[attr-defined]
-            while int(server.admin_sql("SHOW STATUS LIKE 'Threads_connected'").split()[1]) < 8:  # type: ignore[attr-defined]
+            server.admin_sql("SET GLOBAL max_connections = 10")
+            while int(server.admin_sql("SHOW STATUS LIKE 'Threads_connected'").split()[1]) < 8:
                 held.append(_inspect.open_raw("doc"))
             _, data = doctor_json("--database", "doc")
         finally:
             for raw in held:
                 raw.close()
-            server.admin_sql(f"SET GLOBAL max_connections = {before}")  # type: ignore[attr-defined]
+            server.admin_sql(f"SET GLOBAL max_connections = {before}")
     assert verdict_ids(data) == {"connections-nearly-exhausted": "warning"}
 
 
 @pytest.mark.skipif(VENDOR != "postgresql", reason="PgBouncer fronts PostgreSQL")
-def test_pgbouncer_in_path(server: Server) -> None:
+def test_pgbouncer_in_path(server: DBServer) -> None:
     """Through PgBouncer the server listens on another port: a proxy-in-path note suggests --probe-idle."""
     with PgBouncer(server.port) as bouncer, alias(server, PORT=str(bouncer.port)):
         _, data = doctor_json("--database", "doc")
@@ -207,7 +207,7 @@ def test_pgbouncer_in_path(server: Server) -> None:
 
 
 @pytest.mark.slow
-def test_probe_finds_a_proxy_limit_the_server_does_not_know(server: Server) -> None:
+def test_probe_finds_a_proxy_limit_the_server_does_not_know(server: DBServer) -> None:
     """Through HAProxy (idle 2 s) to a server with hours of idle limit, the probe brackets 2 s and warns."""
     with HAProxy(server.port, idle_timeout=2) as proxy, alias(server, PORT=str(proxy.port)):
         code, data = doctor_json("--database", "doc", "--probe-idle", "8")
@@ -221,7 +221,7 @@ def test_probe_finds_a_proxy_limit_the_server_does_not_know(server: Server) -> N
     assert code == 1
 
 
-def test_json_shape(server: Server) -> None:
+def test_json_shape(server: DBServer) -> None:
     """The JSON report has the documented keys and types (schema freshconn.doctor/1)."""
     with alias(server, CONN_MAX_AGE=None, OPTIONS={**TIMEOUTS, **short_server_timeout_options(20)}):
         _, data = doctor_json("--database", "doc", "--database", "lite")
@@ -249,7 +249,7 @@ def test_json_shape(server: Server) -> None:
     assert (lite["vendor"], lite["reachable"], lite["server"], lite["verdicts"]) == ("sqlite", None, None, [])
 
 
-def test_unreachable_is_exit_two_with_network_advice(server: Server) -> None:
+def test_unreachable_is_exit_two_with_network_advice(server: DBServer) -> None:
     """A database nobody listens for is E004 'unreachable', reduced to its kind, with HOST/PORT advice; exit 2."""
     with alias(server, PORT=str(free_port())):
         code, data = doctor_json("--database", "doc")
@@ -261,7 +261,7 @@ def test_unreachable_is_exit_two_with_network_advice(server: Server) -> None:
     assert code == 2
 
 
-def test_wrong_password_gets_credentials_advice(server: Server) -> None:
+def test_wrong_password_gets_credentials_advice(server: DBServer) -> None:
     """A rejected password is 'authentication_failed' with its code, and the fix names USER and PASSWORD."""
     with alias(server, PASSWORD="not-the-password"):
         code, data = doctor_json("--database", "doc")
@@ -275,7 +275,7 @@ def test_wrong_password_gets_credentials_advice(server: Server) -> None:
     assert code == 2
 
 
-def test_invalid_freshconn_settings_is_exit_two(server: Server) -> None:
+def test_invalid_freshconn_settings_is_exit_two(server: DBServer) -> None:
     """A broken FRESHCONN setting is E001 'settings-invalid', naming the key; exit code 2."""
     with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": -1}), alias(server):
         code, out, _ = doctor("--database", "doc")
@@ -287,7 +287,7 @@ def test_invalid_freshconn_settings_is_exit_two(server: Server) -> None:
     assert code == 2
 
 
-def test_one_name_per_driver_in_every_output(server: Server) -> None:
+def test_one_name_per_driver_in_every_output(server: DBServer) -> None:
     """The doctor, the checks and WorkerCommand's start-up line name the driver the same way."""
     from freshconn.command import policy_summary
 

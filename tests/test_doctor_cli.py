@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from django.core.management.base import CommandError
-from testbed.servers import Server, free_port
+from testbed.servers import DBServer, free_port
 
 from .conftest import ROOT, subprocess_env
 from .test_doctor import alias, doctor, doctor_json
@@ -17,7 +17,7 @@ from .test_doctor import alias, doctor, doctor_json
 pytestmark = pytest.mark.server
 
 
-def test_probe_progress_only_on_a_tty(server: Server) -> None:
+def test_probe_progress_only_on_a_tty(server: DBServer) -> None:
     """The progress bar is drawn on a terminal, and nothing at all goes to a redirected stderr."""
     master, replica = os.openpty()
     with alias(server), open(replica, "w") as tty:
@@ -56,7 +56,7 @@ def test_concurrency_needs_a_whole_number(value: str) -> None:
         doctor("--database", "lite", "--concurrency", value)
 
 
-def test_an_alias_given_twice_is_diagnosed_once(server: Server) -> None:
+def test_an_alias_given_twice_is_diagnosed_once(server: DBServer) -> None:
     """``--database doc --database doc`` reports the alias once."""
     with alias(server):
         _, data = doctor_json("--database", "doc", "--database", "lite", "--database", "doc")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from testbed.servers import DB_NAME, Server
+from testbed.servers import DB_NAME, DBServer
 
 from .conftest import DRIVER, VENDOR
 from .test_doctor import TIMEOUTS, alias, database, doctor, doctor_json, verdict, verdict_ids
@@ -20,20 +20,20 @@ MYSQL = VENDOR == "mysql"
 USER, PASSWORD = "ro_doc", "ro-doc-secret-pw"
 
 
-def _pg_default_read_only(srv: Server, change: str, expected: str) -> None:
-    srv.admin_sql(f"ALTER SYSTEM {change}")  # type: ignore[attr-defined]
-    srv.admin_sql("SELECT pg_reload_conf()")  # type: ignore[attr-defined]
+def _pg_default_read_only(srv: DBServer, change: str, expected: str) -> None:
+    srv.admin_sql(f"ALTER SYSTEM {change}")
+    srv.admin_sql("SELECT pg_reload_conf()")
     deadline = time.monotonic() + 10  # a new session showing the value: the reload reached the backends
-    while srv.admin_sql("SHOW default_transaction_read_only").strip() != expected:  # type: ignore[attr-defined]
+    while srv.admin_sql("SHOW default_transaction_read_only").strip() != expected:
         assert time.monotonic() < deadline, f"default_transaction_read_only never became {expected}"
         time.sleep(0.02)
 
 
 @pytest.fixture
-def demoted(server: Server) -> Iterator[dict[str, Any]]:
+def demoted(server: DBServer) -> Iterator[dict[str, Any]]:
     """The session's server made read-only for the alias's user; writable again afterwards."""
     if MYSQL:
-        server.admin_sql(  # type: ignore[attr-defined]
+        server.admin_sql(
             f"CREATE USER IF NOT EXISTS '{USER}'@'%' IDENTIFIED BY '{PASSWORD}';"
             f"GRANT ALL ON {DB_NAME}.* TO '{USER}'@'%'; SET GLOBAL read_only = 1;"
         )
@@ -45,12 +45,12 @@ def demoted(server: Server) -> Iterator[dict[str, Any]]:
         yield creds
     finally:
         if MYSQL:
-            server.admin_sql("SET GLOBAL read_only = 0")  # type: ignore[attr-defined]
+            server.admin_sql("SET GLOBAL read_only = 0")
         else:
             _pg_default_read_only(server, "RESET default_transaction_read_only", "off")
 
 
-def test_a_demoted_server_is_reported_read_only(server: Server, demoted: dict[str, Any]) -> None:
+def test_a_demoted_server_is_reported_read_only(server: DBServer, demoted: dict[str, Any]) -> None:
     """read_only (MariaDB, a user without SUPER) / default_transaction_read_only: W011, exit 1, in JSON and text."""
     with alias(server, **demoted):
         code, data = doctor_json("--database", "doc")
@@ -66,7 +66,7 @@ def test_a_demoted_server_is_reported_read_only(server: Server, demoted: dict[st
     assert code == 1
 
 
-def test_a_writable_server_is_not(server: Server) -> None:
+def test_a_writable_server_is_not(server: DBServer) -> None:
     with alias(server):
         code, data = doctor_json("--database", "doc")
     assert (database(data)["server"]["read_only"], database(data)["server"]["read_only_because"]) == (False, [])
@@ -74,7 +74,7 @@ def test_a_writable_server_is_not(server: Server) -> None:
     assert code == 0
 
 
-def test_a_read_only_session_is_reported(server: Server) -> None:
+def test_a_read_only_session_is_reported(server: DBServer) -> None:
     """A session made read-only by the alias's own settings (a reader endpoint's effect, in miniature)."""
     ro = (
         {"init_command": "SET SESSION TRANSACTION READ ONLY"}
@@ -97,7 +97,7 @@ MULTI = "127.0.0.1,127.0.0.2"
 
 
 @pytest.mark.skipif(MYSQL, reason="libpq multi-host HOST")
-def test_multi_host_without_target_session_attrs(server: Server) -> None:
+def test_multi_host_without_target_session_attrs(server: DBServer) -> None:
     """HOST with two hosts and no target_session_attrs: W012 (settings only); libpq reaches the first host."""
     with alias(server, HOST=MULTI):
         code, data = doctor_json("--database", "doc")
@@ -114,7 +114,7 @@ def test_multi_host_without_target_session_attrs(server: Server) -> None:
 
 
 @pytest.mark.skipif(MYSQL, reason="libpq multi-host HOST")
-def test_multi_host_on_a_read_only_server(server: Server, demoted: dict[str, Any]) -> None:
+def test_multi_host_on_a_read_only_server(server: DBServer, demoted: dict[str, Any]) -> None:
     """Without target_session_attrs libpq settles on the read-only host: both findings, the fix names the option.
 
     With ``target_session_attrs = 'read-write'`` libpq refuses every read-only host: unreachable, kind

@@ -9,6 +9,7 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
+from testbed.redis import Redis
 
 from tests.conftest import IDLE_PAST_TIMEOUT
 from tests.queue_tasks.harness import (
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
 
 @pytest.fixture
 def producer(redis_server: Any) -> Iterator[RedisBroker]:
-    broker = RedisBroker(url=redis_server.url)
+    broker = RedisBroker(url=redis_server.url)  # type: ignore[no-untyped-call]  # dramatiq leaves its __init__ unannotated
     broker.declare_queue("default")
     try:
         yield broker
@@ -51,7 +52,9 @@ def worker(env: dict[str, str], threads: int = 2) -> WorkerProcess:
     )
 
 
-def test_messages_reuse_connections_and_survive_idle_past_server_timeout(live, redis_server, redis_client, producer):
+def test_messages_reuse_connections_and_survive_idle_past_server_timeout(
+    live: None, redis_server: Redis, redis_client: Any, producer: RedisBroker
+) -> None:
     """Busy messages share one connection per worker thread with no ping; after the server's idle timeout, no error."""
     with worker(worker_env(redis_server)) as w:
         send(producer, *(f"busy-{i}" for i in range(4)))
@@ -66,8 +69,8 @@ def test_messages_reuse_connections_and_survive_idle_past_server_timeout(live, r
 
 
 def test_without_freshconn_a_worker_thread_fails_after_idle_past_server_timeout(
-    live, redis_server, redis_client, producer
-):
+    live: None, redis_server: Redis, redis_client: Any, producer: RedisBroker
+) -> None:
     """Contrast: without the middleware, a message after the server's idle timeout gets a dead connection."""
     with worker(worker_env(redis_server, integration=False), threads=1) as w:
         send(producer, "busy-0")

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from django.db import Error, connections
 from django.test import override_settings
-from testbed.servers import Server, free_port
+from testbed.servers import DBServer, MariaDB, PostgreSQL, free_port
 
 import freshconn
 from freshconn import _errors, _redact
@@ -93,7 +93,7 @@ def connect(alias: str) -> None:
 
 
 @contextlib.contextmanager
-def other_alias(server: Server, **changes: Any) -> Iterator[str]:
+def other_alias(server: DBServer, **changes: Any) -> Iterator[str]:
     """Alias "codes" on the test server with the test's driver, short connect timeout, ``changes`` applied."""
     settings = server.django_settings(CONN_MAX_AGE=None, **changes)
     settings["ENGINE"] = connections["default"].settings_dict["ENGINE"]
@@ -108,7 +108,7 @@ def soon(sql_admin: Callable[[], Any], delay: float = 0.3) -> threading.Timer:
     return timer
 
 
-def admin(server: Server, sql: str, params: list[Any] | None = None) -> None:
+def admin(server: DBServer, sql: str, params: list[Any] | None = None) -> None:
     raw = admin_connection(server)
     try:
         cursor = raw.cursor()
@@ -121,7 +121,7 @@ def admin(server: Server, sql: str, params: list[Any] | None = None) -> None:
 # -- failed connects: nothing was sent, the server cannot be reached ---------------------------------
 
 
-def test_closed_port(live: None, server: Server) -> None:
+def test_closed_port(live: None, server: DBServer) -> None:
     """Nothing listens on the port: 2002 (libmariadb says 2002 for TCP too) / 2003, or libpq's wording."""
     expected = {"mysqlclient": 2002, "pymysql": 2003, "mysqlconnector": 2003}.get(DRIVER)
     with other_alias(server, PORT=str(free_port())) as alias:
@@ -130,7 +130,7 @@ def test_closed_port(live: None, server: Server) -> None:
     assert _redact.describe_failure(raw).kind in ("connection_refused", "cannot_connect")
 
 
-def test_missing_unix_socket(live: None, server: Server) -> None:
+def test_missing_unix_socket(live: None, server: DBServer) -> None:
     """A socket path where no server listens: 2002 (PyMySQL: 2003, any OSError), libpq "No such file"."""
     if MYSQL:
         changes: dict[str, Any] = {"HOST": "localhost", "OPTIONS": {"unix_socket": os.path.join(server.tmp, "no.sock")}}
@@ -166,14 +166,14 @@ def no_free_descriptors() -> Iterator[None]:
 
 @mysql_only
 @pytest.mark.parametrize("via", ["tcp", "unix"])
-def test_no_socket_can_be_created(live: None, server: Server, via: str) -> None:
+def test_no_socket_can_be_created(live: None, server: MariaDB, via: str) -> None:
     """socket() fails (EMFILE): libmariadb 2004 (TCP) / 2001 (unix), PyMySQL 2003, mysql-connector 2003 / 2002."""
     expected = {
         "mysqlclient": {"tcp": 2004, "unix": 2001},
         "pymysql": {"tcp": 2003, "unix": 2003},
         "mysqlconnector": {"tcp": 2003, "unix": 2002},
     }[DRIVER][via]
-    changes: dict[str, Any] = {"HOST": "localhost", "OPTIONS": {"unix_socket": server.socket}} if via == "unix" else {}  # type: ignore[attr-defined]
+    changes: dict[str, Any] = {"HOST": "localhost", "OPTIONS": {"unix_socket": server.socket}} if via == "unix" else {}
     with other_alias(server, **changes) as alias, no_free_descriptors(), pytest.raises(Error) as info:
         connect(alias)
     raw = info.value.__cause__
@@ -187,14 +187,15 @@ def test_no_socket_can_be_created(live: None, server: Server, via: str) -> None:
 
 def _tls_required() -> dict[str, Any]:
     ca = "/etc/ssl/certs/ca-certificates.crt"
-    return {
+    options: dict[str, dict[str, Any]] = {
         "mysqlclient": {"ssl_mode": "VERIFY_IDENTITY"},
         "pymysql": {"ssl": {"ca": ca}},
         "mysqlconnector": {"ssl_verify_cert": True, "ssl_ca": ca},
-    }.get(DRIVER, {"sslmode": "require"})
+    }
+    return options.get(DRIVER, {"sslmode": "require"})
 
 
-def test_tls_required_but_not_offered_is_a_refusal_not_waited_on(live: None, server: Server) -> None:
+def test_tls_required_but_not_offered_is_a_refusal_not_waited_on(live: None, server: DBServer) -> None:
     """TLS required against a server without TLS: 2026 / libpq's wording, kind "tls", a unit fails at once."""
     with other_alias(server, OPTIONS={"connect_timeout": 3, **_tls_required()}) as alias:
         wrapped, raw = failure(lambda: connect(alias))
@@ -234,7 +235,7 @@ def test_session_killed_while_idle(live: None) -> None:
     assert_gone(lambda: run("SELECT 1"), later[0], unsent=later[1], text=text)
 
 
-def test_session_killed_during_a_query(live: None, server: Server) -> None:
+def test_session_killed_during_a_query(live: None, server: DBServer) -> None:
     """KILL / pg_terminate_backend while the statement runs: 2013 (it may have run) / 57P01."""
     victim = backend_id()
     if MYSQL:
@@ -272,7 +273,7 @@ def test_idle_session_timeout(live: None) -> None:
 
 
 @pg_only
-def test_idle_in_transaction_timeout(live: None, server: Server) -> None:
+def test_idle_in_transaction_timeout(live: None, server: DBServer) -> None:
     """idle_in_transaction_session_timeout ends a session left idle in a transaction: 25P03."""
     from django.db import transaction
 
@@ -290,7 +291,7 @@ def test_idle_in_transaction_timeout(live: None, server: Server) -> None:
 
 
 @pg_only
-def test_another_backend_crashing(live: None, server: Server) -> None:
+def test_another_backend_crashing(live: None, server: DBServer) -> None:
     """A backend killed by SIGKILL makes the postmaster end every session (57P02 in the server log; libpq's wording)."""
     run("SELECT 1")
     bystander = admin_connection(server)
@@ -314,7 +315,7 @@ def test_another_backend_crashing(live: None, server: Server) -> None:
                 time.sleep(0.05)
 
 
-def test_server_shutdown_with_an_idle_session(live: None, server: Server) -> None:
+def test_server_shutdown_with_an_idle_session(live: None, server: DBServer) -> None:
     """A clean server shutdown (SIGTERM / pg_ctl -m fast): MariaDB closes idle sessions silently (2013, not 1053)."""
     run("SELECT 1")
     server.restart()
@@ -329,10 +330,10 @@ def test_server_shutdown_with_an_idle_session(live: None, server: Server) -> Non
 
 
 @pg_only
-def test_connect_while_the_server_shuts_down(live: None, server: Server) -> None:
+def test_connect_while_the_server_shuts_down(live: None, server: PostgreSQL) -> None:
     """pg_ctl -m smart waits for open sessions; a new connect meanwhile gets FATAL 57P03 "shutting down"."""
     holder = admin_connection(server)
-    stop = server._run_as([server._pg_ctl, "-D", server.datadir, "-m", "smart", "-W", "stop"])  # type: ignore[attr-defined]
+    stop = server._run_as([server._pg_ctl, "-D", server.datadir, "-m", "smart", "-W", "stop"])
     assert stop.returncode == 0
     try:
         with other_alias(server) as alias:
@@ -341,7 +342,7 @@ def test_connect_while_the_server_shuts_down(live: None, server: Server) -> None
         assert not _redact.refused_login(raw)  # worth waiting for: a restart or failover follows
     finally:
         holder.close()
-        pid_file = os.path.join(server.datadir, "postmaster.pid")  # type: ignore[attr-defined]
+        pid_file = os.path.join(server.datadir, "postmaster.pid")
         deadline = time.monotonic() + 15
         while os.path.exists(pid_file) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -363,7 +364,7 @@ def test_mysql8_idle_disconnect_4031(live: None) -> None:
 
 
 @mysql_only
-def test_kill_query_cancels_the_statement_not_the_session(live: None, server: Server) -> None:
+def test_kill_query_cancels_the_statement_not_the_session(live: None, server: DBServer) -> None:
     """KILL QUERY: 1317 ER_QUERY_INTERRUPTED (not 1927 ER_CONNECTION_KILLED); the same connection keeps working."""
     victim = backend_id()
     raw_before = connections["default"].connection
@@ -375,7 +376,7 @@ def test_kill_query_cancels_the_statement_not_the_session(live: None, server: Se
 
 
 @pg_only
-def test_cancel_request_cancels_the_statement_not_the_session(live: None, server: Server) -> None:
+def test_cancel_request_cancels_the_statement_not_the_session(live: None, server: DBServer) -> None:
     """pg_cancel_backend: 57014 query_canceled; the same connection keeps working."""
     victim = backend_id()
     raw_before = connections["default"].connection

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from django.db import Error, connections
 from testbed.proxies import HAProxy
-from testbed.servers import DB_NAME, MariaDB, PostgreSQL, Server
+from testbed.servers import DB_NAME, DBServer, MariaDB, PostgreSQL
 
 import freshconn
 from tests.conftest import VENDOR, counters
@@ -25,10 +25,10 @@ pytestmark = [pytest.mark.server]
 USER, PASSWORD = "fo_app", "fo-secret-pw"
 
 
-def _prepare(srv: Server) -> None:
+def _prepare(srv: DBServer) -> None:
     """A table, and an app user without SUPER (MariaDB's read_only does not apply to SUPER users)."""
     if VENDOR == "mysql":
-        srv.admin_sql(  # type: ignore[attr-defined]
+        srv.admin_sql(
             f"CREATE USER IF NOT EXISTS '{USER}'@'%' IDENTIFIED BY '{PASSWORD}';"
             f"GRANT ALL ON {DB_NAME}.* TO '{USER}'@'%';"
             f"CREATE TABLE IF NOT EXISTS {DB_NAME}.fc_fo (id INT AUTO_INCREMENT PRIMARY KEY, ref VARCHAR(40));"
@@ -36,43 +36,48 @@ def _prepare(srv: Server) -> None:
         )
         return
     _pg_read_only(srv, "RESET default_transaction_read_only", "off")
-    if USER not in srv.admin_sql("SELECT rolname FROM pg_roles"):  # type: ignore[attr-defined]
-        srv.admin_sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")  # type: ignore[attr-defined]
-    srv.admin_sql(  # type: ignore[attr-defined]
+    if USER not in srv.admin_sql("SELECT rolname FROM pg_roles"):
+        srv.admin_sql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
+    assert isinstance(srv, PostgreSQL)
+    srv.admin_sql(
         f"CREATE TABLE IF NOT EXISTS fc_fo (id SERIAL PRIMARY KEY, ref TEXT); ALTER TABLE fc_fo OWNER TO {USER};"
         "DELETE FROM fc_fo;",
         db=DB_NAME,
     )
 
 
-def _demote(srv: Server) -> None:
+def _demote(srv: DBServer) -> None:
     if VENDOR == "mysql":
-        srv.admin_sql("SET GLOBAL read_only = 1")  # type: ignore[attr-defined]
+        srv.admin_sql("SET GLOBAL read_only = 1")
     else:
         _pg_read_only(srv, "SET default_transaction_read_only = on", "on")
 
 
-def _pg_read_only(srv: Server, change: str, expected: str) -> None:
-    srv.admin_sql(f"ALTER SYSTEM {change}")  # type: ignore[attr-defined]
-    srv.admin_sql("SELECT pg_reload_conf()")  # type: ignore[attr-defined]
+def _pg_read_only(srv: DBServer, change: str, expected: str) -> None:
+    srv.admin_sql(f"ALTER SYSTEM {change}")
+    srv.admin_sql("SELECT pg_reload_conf()")
     # pg_reload_conf() only signals the postmaster, which reloads and then signals every backend
     # (an idle one applies the change before its next command). A new session showing the value
     # proves the postmaster has done both, so the worker's next statement meets the new mode.
     deadline = time.monotonic() + 10
-    while srv.admin_sql("SHOW default_transaction_read_only").strip() != expected:  # type: ignore[attr-defined]
+    while srv.admin_sql("SHOW default_transaction_read_only").strip() != expected:
         assert time.monotonic() < deadline, f"the server never reported default_transaction_read_only={expected}"
         time.sleep(0.02)
 
 
-def refs(srv: Server) -> list[str]:
+def refs(srv: DBServer) -> list[str]:
     sql = "SELECT ref FROM fc_fo ORDER BY id"
-    out = srv.admin_sql(f"USE {DB_NAME}; {sql}") if VENDOR == "mysql" else srv.admin_sql(sql, db=DB_NAME)  # type: ignore[attr-defined]
+    if VENDOR == "mysql":
+        out = srv.admin_sql(f"USE {DB_NAME}; {sql}")
+    else:
+        assert isinstance(srv, PostgreSQL)
+        out = srv.admin_sql(sql, db=DB_NAME)
     return out.split()
 
 
 @pytest.fixture(scope="module")
-def standby() -> Iterator[Server]:
-    srv: Server = MariaDB() if VENDOR == "mysql" else PostgreSQL()
+def standby() -> Iterator[DBServer]:
+    srv: DBServer = MariaDB() if VENDOR == "mysql" else PostgreSQL()
     srv.start()
     try:
         yield srv
@@ -81,7 +86,7 @@ def standby() -> Iterator[Server]:
 
 
 @pytest.fixture
-def failover(live: None, server: Server, standby: Server) -> Iterator[tuple[HAProxy, Callable[[], None]]]:
+def failover(live: None, server: DBServer, standby: DBServer) -> Iterator[tuple[HAProxy, Callable[[], None]]]:
     """Alias "fo" through HAProxy to the session's server; the callable performs the switch-over."""
     for srv in (server, standby):
         _prepare(srv)
@@ -108,7 +113,9 @@ def write(ref: str) -> None:
         cursor.execute("INSERT INTO fc_fo (ref) VALUES (%s)", [ref])
 
 
-def test_without_freshconn_a_worker_stays_on_the_read_only_node(failover, server, standby):
+def test_without_freshconn_a_worker_stays_on_the_read_only_node(
+    failover: tuple[HAProxy, Callable[[], None]], server: DBServer, standby: DBServer
+) -> None:
     """For contrast: a plain persistent connection keeps hitting the demoted node; every write fails."""
     _, switch_over = failover
     write("before")
@@ -121,7 +128,9 @@ def test_without_freshconn_a_worker_stays_on_the_read_only_node(failover, server
     assert refs(standby) == []
 
 
-def test_a_read_only_error_discards_the_connection_and_the_next_unit_reaches_the_new_primary(failover, server, standby):
+def test_a_read_only_error_discards_the_connection_and_the_next_unit_reaches_the_new_primary(
+    failover: tuple[HAProxy, Callable[[], None]], server: DBServer, standby: DBServer
+) -> None:
     """The unit that meets the demoted node fails and drops that connection; the next unit writes to the new primary."""
     _, switch_over = failover
     with freshconn.unit_of_work(using="fo"):
@@ -138,7 +147,9 @@ def test_a_read_only_error_discards_the_connection_and_the_next_unit_reaches_the
     assert counters("fo")["discarded_read_only"] == 1
 
 
-def test_a_retrying_unit_rides_the_failover_and_writes_once(failover, server, standby):
+def test_a_retrying_unit_rides_the_failover_and_writes_once(
+    failover: tuple[HAProxy, Callable[[], None]], server: DBServer, standby: DBServer
+) -> None:
     """A retrying unit whose write the demoted node refused is retried on a fresh connection: applied exactly once."""
     _, switch_over = failover
     calls: list[int] = []
@@ -159,7 +170,9 @@ def test_a_retrying_unit_rides_the_failover_and_writes_once(failover, server, st
     assert c["retries"] == 1
 
 
-def test_a_refused_write_after_an_applied_one_is_not_retried(failover, server, standby):
+def test_a_refused_write_after_an_applied_one_is_not_retried(
+    failover: tuple[HAProxy, Callable[[], None]], server: DBServer, standby: DBServer
+) -> None:
     """A unit that already applied a write in autocommit is not retried after a read-only refusal."""
     _, switch_over = failover
     calls: list[int] = []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from testbed.servers import Tansu
+from testbed.redis import Redis
+from testbed.servers import DBServer, Tansu
 
 from tests.queue_tasks.faults import Contrast, run_scenario
 from tests.queue_tasks.harness import (
@@ -44,7 +46,8 @@ def kafka() -> Iterator[Tansu]:
 
 def new_topic(kafka: Tansu) -> str:
     """A fresh one-partition topic (Faust's events arrive in order, one consumer)."""
-    from confluent_kafka.admin import AdminClient, NewTopic
+    # confluent-kafka's admin module re-exports NewTopic (from cimpl) without marking it as exported.
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     name = f"faust-{uuid.uuid4().hex[:10]}"
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
@@ -76,8 +79,8 @@ def worker(env: dict[str, str], kafka: Tansu, topic: str, datadir: Path) -> Work
 
 
 def test_events_ride_idle_kill_and_restart_on_a_persistent_connection(
-    live, server, kafka, redis_server, redis_client, tmp_path
-):
+    live: None, server: DBServer, kafka: Tansu, redis_server: Redis, redis_client: Any, tmp_path: Path
+) -> None:
     """Each event a unit through idle, KILL, a restart and a crashed actor; with Faust's own Agent, idle breaks it."""
     topic, plain_topic = new_topic(kafka), new_topic(kafka)
     scenario = worker(worker_env(redis_server), kafka, topic, tmp_path / "scenario")

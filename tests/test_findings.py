@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.test import override_settings
-from testbed.servers import Server, free_port
+from testbed.servers import DBServer, free_port
 
 from freshconn import _inspect, checks
 from freshconn._findings import CATALOGUE, Finding
@@ -131,8 +131,8 @@ if DRIVER == "pymysql":
     CASES["PyMySQL TLS per connect"] = ({}, {"OPTIONS": bare}, {"pymysql-tls-per-connect"})
 
 
-def _from_checks(alias: str) -> dict[str, tuple[str, str]]:
-    by_check = {f.check_id: f.doctor_id for f in CATALOGUE}
+def _from_checks(alias: str) -> dict[str, tuple[str, str | None]]:
+    by_check: dict[str | None, str] = {f.check_id: f.doctor_id for f in CATALOGUE}
     messages = [*checks.check_settings(), *checks.check_servers(databases=[alias])]
     mine = [m for m in messages if m.obj in (None, f"DATABASES[{alias!r}]")]
     return {by_check[m.id]: (m.msg, m.hint) for m in mine}
@@ -156,7 +156,7 @@ def _from_doctor(alias: str) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_checks_and_doctor_agree(server: Server, case: str) -> None:
+def test_checks_and_doctor_agree(server: DBServer, case: str) -> None:
     """``check --database`` and the doctor report the same findings, with the same message and fix."""
     freshconn, changes, expected = CASES[case]
     if changes.get("PORT") == "dead":
@@ -172,7 +172,7 @@ def _verdict(data: dict[str, Any], doctor_id: str) -> dict[str, Any]:
     return next(v for v in data["databases"][0]["verdicts"] if v["id"] == doctor_id)
 
 
-def test_bad_driver_option_gets_no_network_advice(server: Server) -> None:
+def test_bad_driver_option_gets_no_network_advice(server: DBServer) -> None:
     """An option the driver rejects before connecting (libpq sslmode 'bogus', an unknown MySQL option) names it."""
     bad = _bad_option()
     with temp_alias("doc", server.django_settings(CONN_MAX_AGE=60, OPTIONS={**TIMEOUTS, **bad})):
@@ -185,7 +185,7 @@ def test_bad_driver_option_gets_no_network_advice(server: Server) -> None:
     assert code == 2
 
 
-def test_wrongly_typed_timeout_still_lets_the_doctor_read_the_server(server: Server) -> None:
+def test_wrongly_typed_timeout_still_lets_the_doctor_read_the_server(server: DBServer) -> None:
     """A timeout the driver would reject is E003, and the doctor's own guarded connection still reads the server."""
     bad = _bad_timeout()
     with temp_alias("doc", server.django_settings(CONN_MAX_AGE=60, OPTIONS={**TIMEOUTS, **bad})):
@@ -195,7 +195,7 @@ def test_wrongly_typed_timeout_still_lets_the_doctor_read_the_server(server: Ser
     assert code == 2
 
 
-def test_string_conn_max_age_is_not_a_lifetime(server: Server) -> None:
+def test_string_conn_max_age_is_not_a_lifetime(server: DBServer) -> None:
     """CONN_MAX_AGE='60' is E002, and units fall back to the default lifetime rather than reading 60 s."""
     with temp_alias("doc", server.django_settings(CONN_MAX_AGE="60", OPTIONS=dict(TIMEOUTS))):
         code, data = _doctor_json("doc")
@@ -203,7 +203,7 @@ def test_string_conn_max_age_is_not_a_lifetime(server: Server) -> None:
     assert code == 2
 
 
-def test_concurrency_above_max_connections_from_the_check_and_the_doctor(server: Server) -> None:
+def test_concurrency_above_max_connections_from_the_check_and_the_doctor(server: DBServer) -> None:
     """Two aliases on one server: a pool of max_connections/2 + 1 is W010, from check_concurrency() and the doctor."""
     settings = server.django_settings(CONN_MAX_AGE=60, OPTIONS=dict(TIMEOUTS))
     with temp_alias("agree", settings), temp_alias("agree2", settings):
@@ -221,6 +221,7 @@ def test_concurrency_above_max_connections_from_the_check_and_the_doctor(server:
         assert checks.check_concurrency(fits, databases=["agree", "agree2"]) == []
     assert [(m.id, m.obj) for m in messages] == [("freshconn.W010", "DATABASES['agree']")]
     assert f"that is {over * 2}, but the server allows max_connections={limit}" in messages[0].msg
+    assert messages[0].hint is not None
     assert f"Run at most {limit // 2} threads or greenlets" in messages[0].hint
     first, second = data["databases"]
     verdict = next(v for v in first["verdicts"] if v["id"] == "concurrency-above-max-connections")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import pytest
 from django.db import Error, connection, connections
 from django.test import override_settings
-from testbed.servers import free_port
+from testbed.servers import DBServer, free_port
 
 import freshconn
 from freshconn import _state
@@ -39,20 +39,23 @@ def no_pending_reconnect() -> None:
     _state.local().needs_reconnect.clear()
 
 
-def run_unit_while_server_restarts(server) -> int:
+def run_unit_while_server_restarts(server: DBServer) -> int:
     server.down()
     timer = threading.Timer(2.0, server.up)
     timer.start()
     try:
         with freshconn.unit_of_work():
-            return Order.objects.count()
+            rows: int = Order.objects.count()
+            return rows
     finally:
         timer.join()
 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(dbconf: Callable[..., None], server):
+def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(
+    dbconf: Callable[..., None], server: DBServer
+) -> None:
     """A connection idle past the server's limit is closed at the unit's start; a down server is then waited for."""
     dbconf(CONN_MAX_AGE=0, OPTIONS=short_server_timeout_options())
     with freshconn.unit_of_work():
@@ -64,7 +67,7 @@ def test_unit_waits_for_a_down_server_after_expiring_an_idle_connection(dbconf: 
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callable[..., None], server):
+def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callable[..., None], server: DBServer) -> None:
     """A unit that has no connection yet (a worker starting during an outage) waits for the server."""
     dbconf(CONN_MAX_AGE=0, OPTIONS={})
     connection.close()
@@ -73,7 +76,7 @@ def test_first_unit_without_a_connection_waits_for_a_down_server(dbconf: Callabl
 
 
 @pytest.mark.server
-def test_alias_added_after_the_threads_first_unit_gets_a_patient_first_connect(live, server):
+def test_alias_added_after_the_threads_first_unit_gets_a_patient_first_connect(live: None, server: DBServer) -> None:
     """An alias configured after this thread's first unit is hooked at the next unit: its first connect waits too."""
     with freshconn.unit_of_work():
         Order.objects.count()
@@ -89,7 +92,7 @@ def test_alias_added_after_the_threads_first_unit_gets_a_patient_first_connect(l
 
 
 @pytest.mark.server
-def test_a_rejected_password_fails_at_once_with_the_default_reconnect_timeout(live, server):
+def test_a_rejected_password_fails_at_once_with_the_default_reconnect_timeout(live: None, server: DBServer) -> None:
     """A wrong password is not an outage: the unit fails at its first attempt instead of waiting 60 s."""
     with temp_alias("badpw", server.django_settings(PASSWORD="not-the-password")):
         with pytest.raises(Error), freshconn.unit_of_work(using="badpw"):
@@ -98,7 +101,7 @@ def test_a_rejected_password_fails_at_once_with_the_default_reconnect_timeout(li
     assert (bad["reconnect_waits"], bad["reconnect_attempts"]) == (0, 0)
 
 
-def test_stats_in_a_child_forked_while_another_thread_reads_them():
+def test_stats_in_a_child_forked_while_another_thread_reads_them() -> None:
     """A child forked while another thread is inside freshconn.stats() can read its own counters."""
     stop = threading.Event()
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from django.db import connections
+from testbed.servers import DBServer
 
 import freshconn
 from tests.conftest import counters
@@ -40,7 +41,7 @@ class Fleet:
             connections.close_all()
 
 
-def test_a_fleet_of_threads_rides_a_restart_without_a_reconnect_storm(live, server):
+def test_a_fleet_of_threads_rides_a_restart_without_a_reconnect_storm(live: None, server: DBServer) -> None:
     """60 threads across a 3 s outage: attempts while down stay few per 100 ms and per thread, all come back."""
     fleet = Fleet()
     for t in fleet.threads:

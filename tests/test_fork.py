@@ -61,7 +61,7 @@ def _others_open() -> int:
     return sum(1 for c in connections.all(initialized_only=True) if c.alias != "default" and c.connection is not None)
 
 
-def test_child_forgets_inherited_connection_and_parent_session_survives(live):
+def test_child_forgets_inherited_connection_and_parent_session_survives(live: None) -> None:
     """A forked child that forgets its inherited connection gets its own session; the parent's keeps working."""
     parent_backend = backend_id()
     others = _others_open()
@@ -84,7 +84,7 @@ def test_child_forgets_inherited_connection_and_parent_session_survives(live):
     assert counters()["connects"] == 1
 
 
-def test_child_closing_its_inherited_connection_the_usual_way_kills_the_parents_session(live):
+def test_child_closing_its_inherited_connection_the_usual_way_kills_the_parents_session(live: None) -> None:
     """Contrast: a plain close() in the child sends the driver's quit message on the parent's session."""
     backend_id()
 
@@ -98,7 +98,7 @@ def test_child_closing_its_inherited_connection_the_usual_way_kills_the_parents_
     assert freshconn.is_disconnect(failure.value)
 
 
-def test_forget_without_connections_is_a_no_op(live):
+def test_forget_without_connections_is_a_no_op(live: None) -> None:
     """With nothing open, forgetting drops nothing and leaves the wrapper usable."""
     connection.close()
     others = _others_open()

@@ -87,7 +87,9 @@ def _stack_depth() -> int:
     return len(_state.local().stack)
 
 
-def test_each_closed_from_another_thread_corrupts_neither_thread(owner, caplog):
+def test_each_closed_from_another_thread_corrupts_neither_thread(
+    owner: Owner, caplog: pytest.LogCaptureFixture
+) -> None:
     """A generator from each() advanced in thread A and closed in thread B: refused, logged, both threads stay sound."""
     gen = owner.call(lambda: freshconn.each([1, 2, 3]))
     assert owner.call(lambda: (next(gen), select_one())) == (1, 1)
@@ -112,7 +114,7 @@ def test_each_closed_from_another_thread_corrupts_neither_thread(owner, caplog):
         assert _stack_depth() == 1
 
 
-def test_unit_handle_refuses_a_second_close_and_another_thread(owner):
+def test_unit_handle_refuses_a_second_close_and_another_thread(owner: Owner) -> None:
     """A handle closed twice, or from another thread, raises a clear RuntimeError and changes nothing."""
     handle = freshconn.open_unit()
     select_one()
@@ -124,7 +126,7 @@ def test_unit_handle_refuses_a_second_close_and_another_thread(owner):
     assert _stack_depth() == 0
 
 
-def test_open_unit_handle_discards_a_connection_broken_in_the_unit(live):
+def test_open_unit_handle_discards_a_connection_broken_in_the_unit(live: None) -> None:
     """The adapter API: open_unit() checks at once, and close(exc) discards what the disconnect broke."""
     handle = freshconn.open_unit(using="default")
     select_one()
@@ -138,7 +140,7 @@ def test_open_unit_handle_discards_a_connection_broken_in_the_unit(live):
         assert select_one() == 1
 
 
-def test_nested_handles_close_out_of_order_leave_a_clean_stack(live):
+def test_nested_handles_close_out_of_order_leave_a_clean_stack(live: None) -> None:
     """A nested unit left open (an each() generator never resumed) is ended with its outer unit."""
     outer = freshconn.open_unit()
     gen = freshconn.each([1, 2])
@@ -146,12 +148,13 @@ def test_nested_handles_close_out_of_order_leave_a_clean_stack(live):
     assert _stack_depth() == 2
     outer.close()
     assert _stack_depth() == 0
-    gen.close()  # its handle is already closed: logged, harmless
+    # each() is declared to return an Iterator, which has no close(); what it returns is a generator.
+    gen.close()  # type: ignore[attr-defined]  # its handle is already closed: logged, harmless
     with freshconn.unit_of_work():
         assert _stack_depth() == 1
 
 
-def test_a_stray_wrapper_does_not_hide_the_threads_connection(live):
+def test_a_stray_wrapper_does_not_hide_the_threads_connection(live: None) -> None:
     """A second wrapper for the same alias (create_connection(), Django's _nodb_cursor) never replaces the thread's."""
     with freshconn.unit_of_work():
         select_one()
@@ -179,7 +182,9 @@ def broken_receivers() -> Iterator[None]:
         unit_retried.disconnect(dispatch_uid="test.broken")
 
 
-def test_a_failing_receiver_never_changes_a_units_outcome(live, broken_receivers, caplog):
+def test_a_failing_receiver_never_changes_a_units_outcome(
+    live: None, broken_receivers: None, caplog: pytest.LogCaptureFixture
+) -> None:
     """Receivers of connection_discarded and unit_retried that raise are logged; discards and retries still happen."""
     with freshconn.unit_of_work():
         select_one()
@@ -231,7 +236,7 @@ def _interrupted_query() -> None:
         cursor.fetchall()
 
 
-def test_a_query_interrupted_by_a_signal_is_never_reused(live, alarm):
+def test_a_query_interrupted_by_a_signal_is_never_reused(live: None, alarm: None) -> None:
     """An exception raised by a signal handler while a query is in flight discards that connection at the unit's end."""
     with pytest.raises(Interrupted), freshconn.unit_of_work():
         _interrupted_query()
@@ -246,7 +251,7 @@ def test_a_query_interrupted_by_a_signal_is_never_reused(live, alarm):
 
 
 @pytest.mark.skipif(DRIVER not in ("pymysql", "psycopg"), reason="pure-Python protocol readers can be cut mid-reply")
-def test_without_freshconn_an_interrupted_query_leaves_a_half_read_connection(live, alarm):
+def test_without_freshconn_an_interrupted_query_leaves_a_half_read_connection(live: None, alarm: None) -> None:
     """For contrast: on a driver whose reader a signal can cut mid-reply, the next plain query fails or misreads."""
     with pytest.raises(Interrupted):
         _interrupted_query()
@@ -260,7 +265,7 @@ def test_without_freshconn_an_interrupted_query_leaves_a_half_read_connection(li
     assert value != 42, "the connection survived the interruption: this control proves nothing here"
 
 
-def test_a_cancelled_async_query_leaves_no_broken_connection(live):
+def test_a_cancelled_async_query_leaves_no_broken_connection(live: None) -> None:
     """A task cancelled while its ORM call runs: the next async unit reads correct results on a sound connection."""
 
     async def slow() -> None:
@@ -291,7 +296,7 @@ def _answer() -> int:
         return int(cursor.fetchone()[0])
 
 
-def test_unused_alias_keeps_its_last_use(live):
+def test_unused_alias_keeps_its_last_use(live: None) -> None:
     """A unit's end refreshes the last use of connections it used, not of every alias in scope."""
     with freshconn.unit_of_work():
         select_one()

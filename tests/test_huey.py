@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from testbed.redis import Redis
 
 from tests.conftest import IDLE_PAST_TIMEOUT
 from tests.queue_tasks import PARENT_KEY
@@ -50,7 +51,9 @@ def consumer(env: dict[str, str], workers: int, kind: str = "thread") -> WorkerP
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])
-def test_tasks_reuse_connections_and_survive_idle_past_server_timeout(live, redis_server, redis_client, producer, kind):
+def test_tasks_reuse_connections_and_survive_idle_past_server_timeout(
+    live: None, redis_server: Redis, redis_client: Any, producer: Any, kind: str
+) -> None:
     """Busy tasks share one connection per worker with no ping; after the server's idle timeout, no error."""
     env = worker_env(redis_server, FRESHCONN_TEST_PARENT_QUERY="1")
     with consumer(env, 2, kind) as w:
@@ -71,7 +74,9 @@ def test_tasks_reuse_connections_and_survive_idle_past_server_timeout(live, redi
     assert row_count() == 8
 
 
-def test_without_freshconn_a_task_fails_after_idle_past_server_timeout(live, redis_server, redis_client, producer):
+def test_without_freshconn_a_task_fails_after_idle_past_server_timeout(
+    live: None, redis_server: Redis, redis_client: Any, producer: Any
+) -> None:
     """Contrast: a plain @huey.task after the server's idle timeout gets a dead connection."""
     with consumer(worker_env(redis_server, integration=False), 1) as w:
         send(producer, "busy-0")

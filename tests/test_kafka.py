@@ -42,7 +42,8 @@ def broker() -> Iterator[Tansu]:
 @pytest.fixture
 def topic(broker: Tansu) -> str:
     """A fresh one-partition topic (so offsets and rows can be compared one to one)."""
-    from confluent_kafka.admin import AdminClient, NewTopic
+    # confluent-kafka's admin module re-exports NewTopic (from cimpl) without marking it as exported.
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     name = f"t-{uuid.uuid4().hex[:10]}"
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
@@ -169,7 +170,9 @@ def runner(broker: Tansu, topic: str) -> Iterator[Callable[..., Runner]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("client", CLIENTS)
-def test_consumer_idles_past_db_timeout_then_handles_the_next_messages(client, short_timeout, broker, topic, runner):
+def test_consumer_idles_past_db_timeout_then_handles_the_next_messages(
+    client: str, short_timeout: int, broker: Tansu, topic: str, runner: Callable[..., Runner]
+) -> None:
     """After the consumer sat idle past the database's own timeout, the next messages are handled with no error."""
     r = runner(client)
     produce(broker, topic, ["0", "1"])
@@ -193,7 +196,9 @@ def test_consumer_idles_past_db_timeout_then_handles_the_next_messages(client, s
 
 
 @pytest.mark.parametrize(("client", "sync_handler"), [(c, False) for c in CLIENTS] + [("aiokafka", True)])
-def test_db_kill_mid_message_redelivers_it_and_it_is_applied_once(client, sync_handler, live, broker, topic, runner):
+def test_db_kill_mid_message_redelivers_it_and_it_is_applied_once(
+    client: str, sync_handler: bool, live: None, broker: Tansu, topic: str, runner: Callable[..., Runner]
+) -> None:
     """A connection killed mid-message: that message is delivered again, applied once; commits never pass the rows."""
     r = runner(client, sync_handler=sync_handler)
     produce(broker, topic, ["0", "1", "2"])
@@ -220,7 +225,9 @@ def test_db_kill_mid_message_redelivers_it_and_it_is_applied_once(client, sync_h
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-def test_handler_error_propagates_uncommitted_and_the_message_comes_back(client, live, broker, topic, runner):
+def test_handler_error_propagates_uncommitted_and_the_message_comes_back(
+    client: str, live: None, broker: Tansu, topic: str, runner: Callable[..., Runner]
+) -> None:
     """A non-database handler error reaches the caller with nothing committed; the next run starts at that message."""
     r = runner(client)
     produce(broker, topic, ["0", "1"])
@@ -241,7 +248,7 @@ def test_handler_error_propagates_uncommitted_and_the_message_comes_back(client,
     assert committed(broker, r.group, topic) == 2
 
 
-def test_consume_refuses_other_objects_and_the_async_client(broker):
+def test_consume_refuses_other_objects_and_the_async_client(broker: Tansu) -> None:
     """consume() names what it accepts, an aiokafka consumer is pointed at aconsume(), and retries are >= 0."""
     with pytest.raises(TypeError, match=r"confluent_kafka\.Consumer"):
         fc_kafka.consume(object(), print)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -12,10 +12,10 @@ from django.db import Error, connection
 from django.test import override_settings
 from testbed.netns import BlackHoleNet
 from testbed.proxies import HAProxy, PgBouncer
-from testbed.servers import MariaDB, PostgreSQL, Server
+from testbed.servers import DBServer, MariaDB, PostgreSQL, Server
 
 import freshconn
-from tests.conftest import VENDOR, counters
+from tests.conftest import VENDOR, counters, driver_module
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -31,7 +31,7 @@ def unit_select() -> int:
         return select_one()
 
 
-def test_server_restart_while_idle_next_unit_succeeds(live, server):
+def test_server_restart_while_idle_next_unit_succeeds(live: None, server: DBServer) -> None:
     """A server restart between units costs the worker nothing: the next unit reconnects."""
     unit_select()
     server.restart()
@@ -40,7 +40,9 @@ def test_server_restart_while_idle_next_unit_succeeds(live, server):
     assert counters()["connects"] == 2
 
 
-def test_server_down_past_reconnect_timeout_fails_then_worker_resumes(dbconf, server):
+def test_server_down_past_reconnect_timeout_fails_then_worker_resumes(
+    dbconf: Callable[..., None], server: DBServer
+) -> None:
     """A server down longer than RECONNECT_TIMEOUT fails the unit with a disconnect error; once back, units succeed."""
     dbconf(OPTIONS={"connect_timeout": 3})
     unit_select()
@@ -57,7 +59,7 @@ def test_server_down_past_reconnect_timeout_fails_then_worker_resumes(dbconf, se
     assert unit_select() == 1
 
 
-def test_default_settings_ride_through_a_short_restart(dbconf, server):
+def test_default_settings_ride_through_a_short_restart(dbconf: Callable[..., None], server: DBServer) -> None:
     """With default settings, a unit that starts while the server restarts waits for it and succeeds."""
     dbconf(OPTIONS={"connect_timeout": 3})
     unit_select()
@@ -72,7 +74,9 @@ def test_default_settings_ride_through_a_short_restart(dbconf, server):
     assert counters()["reconnect_waits"] == 1
 
 
-def test_with_reconnect_timeout_zero_a_unit_during_a_restart_fails(dbconf, server):
+def test_with_reconnect_timeout_zero_a_unit_during_a_restart_fails(
+    dbconf: Callable[..., None], server: DBServer
+) -> None:
     """For contrast: with RECONNECT_TIMEOUT = 0, the same unit fails while the server is down."""
     dbconf(OPTIONS={"connect_timeout": 3})
     unit_select()
@@ -85,7 +89,7 @@ def test_with_reconnect_timeout_zero_a_unit_during_a_restart_fails(dbconf, serve
 
 
 @pytest.fixture(scope="module")
-def proxy(server: Server) -> Iterator[Server]:
+def proxy(server: DBServer) -> Iterator[Server]:
     """HAProxy (MariaDB) or PgBouncer (PostgreSQL) that drops a client idle for 2 s; the server never does."""
     srv: Server = (
         HAProxy(server.port, idle_timeout=2) if VENDOR == "mysql" else PgBouncer(server.port, client_idle_timeout=2)
@@ -95,7 +99,7 @@ def proxy(server: Server) -> Iterator[Server]:
     srv.stop()
 
 
-def test_proxy_dropping_idle_clients_next_unit_succeeds(dbconf, proxy):
+def test_proxy_dropping_idle_clients_next_unit_succeeds(dbconf: Callable[..., None], proxy: Server) -> None:
     """A proxy that drops idle clients (the server's own limit says hours) never breaks the next unit."""
     options: dict[str, Any] = {"prepare_threshold": None} if VENDOR == "postgresql" and _psycopg3() else {}
     dbconf(PORT=str(proxy.port), OPTIONS=options)
@@ -107,7 +111,7 @@ def test_proxy_dropping_idle_clients_next_unit_succeeds(dbconf, proxy):
     assert c["connects"] == 2
 
 
-def test_proxy_drop_without_freshconn_breaks_the_query(dbconf, proxy):
+def test_proxy_drop_without_freshconn_breaks_the_query(dbconf: Callable[..., None], proxy: Server) -> None:
     """For contrast: without freshconn the first query after the proxy's idle drop fails."""
     options: dict[str, Any] = {"prepare_threshold": None} if VENDOR == "postgresql" and _psycopg3() else {}
     dbconf(PORT=str(proxy.port), OPTIONS=options)
@@ -120,16 +124,16 @@ def test_proxy_drop_without_freshconn_breaks_the_query(dbconf, proxy):
 
 def _psycopg3() -> bool:
     return type(connection).__module__.startswith("django.db.backends.postgresql") and (
-        connection.Database.__name__ == "psycopg"
+        driver_module().__name__ == "psycopg"
     )
 
 
 @pytest.fixture(scope="module")
-def black_hole() -> Iterator[tuple[BlackHoleNet, Server]]:
+def black_hole() -> Iterator[tuple[BlackHoleNet, DBServer]]:
     """A server inside a network namespace whose port can silently drop every packet."""
     net = BlackHoleNet()
     net.start()
-    srv: Server = (MariaDB if VENDOR == "mysql" else PostgreSQL)(host=net.ns_ip, prefix=net.prefix())
+    srv: DBServer = (MariaDB if VENDOR == "mysql" else PostgreSQL)(host=net.ns_ip, prefix=net.prefix())
     try:
         srv.start()
         yield net, srv
@@ -177,7 +181,9 @@ class Worker(threading.Thread):
         self.join(10)
 
 
-def test_black_hole_while_idle_fails_within_bound_then_recovers(dbconf, black_hole):
+def test_black_hole_while_idle_fails_within_bound_then_recovers(
+    dbconf: Callable[..., None], black_hole: tuple[BlackHoleNet, DBServer]
+) -> None:
     """When the path silently drops packets, the next unit neither hangs nor keeps the dead connection."""
     net, srv = black_hole
     dbconf(HOST=srv.host, PORT=str(srv.port), NAME="freshconn", OPTIONS={"connect_timeout": 2})
@@ -205,7 +211,9 @@ def test_black_hole_while_idle_fails_within_bound_then_recovers(dbconf, black_ho
         worker.finish()
 
 
-def test_black_hole_shorter_than_reconnect_timeout_is_ridden_through(dbconf, black_hole):
+def test_black_hole_shorter_than_reconnect_timeout_is_ridden_through(
+    dbconf: Callable[..., None], black_hole: tuple[BlackHoleNet, DBServer]
+) -> None:
     """With default settings, a unit that meets a black hole waits for the path to come back and succeeds."""
     net, srv = black_hole
     dbconf(HOST=srv.host, PORT=str(srv.port), NAME="freshconn", OPTIONS={"connect_timeout": 2})

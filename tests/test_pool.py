@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import django
 import pytest
@@ -17,6 +17,10 @@ from freshconn import _pool, _state
 from freshconn.testing import kill_connection
 from tests.app.models import Order
 from tests.conftest import DRIVER, IDLE_PAST_TIMEOUT, SHORT_TIMEOUT, counters
+
+if TYPE_CHECKING:
+    # Only for cast(): importing it at run time needs psycopg, absent on the other legs.
+    from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLWrapper
 
 pytestmark = [
     pytest.mark.server,
@@ -41,7 +45,7 @@ def pooled(dbconf: Callable[..., None]) -> Iterator[Callable[..., Any]]:
         dbconf(CONN_MAX_AGE=0, OPTIONS=options)
         if with_freshconn:
             _pool.install_pools(_state.raw_state)  # what AppConfig.ready() does at start-up
-        pool = connections["default"].pool
+        pool = cast("PostgreSQLWrapper", connections["default"]).pool  # the pool is PostgreSQL's (Django 5.1+)
         made.append(pool)
         return pool
 
@@ -58,13 +62,13 @@ def short_idle() -> dict[str, Any]:
     return {"_options": {"options": f"-c idle_session_timeout={SHORT_TIMEOUT * 1000}"}}
 
 
-def test_freshconn_builds_the_pool_with_its_own_check(pooled):
+def test_freshconn_builds_the_pool_with_its_own_check(pooled: Callable[..., Any]) -> None:
     """The pool Django uses for the alias is the one freshconn built, with freshconn's check at checkout."""
     pool = pooled()
     assert pool._check is _pool.check  # the pool's own hook, set through its constructor
 
 
-def test_busy_units_on_the_pool_make_no_pings_and_no_new_connections(pooled):
+def test_busy_units_on_the_pool_make_no_pings_and_no_new_connections(pooled: Callable[..., Any]) -> None:
     """1,000 busy units on the pool: 0 pings, 0 new connections, and the thread holds none between units."""
     pooled(max_size=1)
     pk = Order.objects.create(ref="p").pk
@@ -82,7 +86,7 @@ def test_busy_units_on_the_pool_make_no_pings_and_no_new_connections(pooled):
 
 
 @pytest.mark.slow
-def test_without_freshconn_an_idle_pool_hands_out_a_dead_connection(pooled):
+def test_without_freshconn_an_idle_pool_hands_out_a_dead_connection(pooled: Callable[..., Any]) -> None:
     """For contrast: Django's pool without a check hands out a connection the server dropped while it sat idle."""
     pooled(with_freshconn=False, **short_idle())
     Order.objects.count()
@@ -94,7 +98,7 @@ def test_without_freshconn_an_idle_pool_hands_out_a_dead_connection(pooled):
 
 
 @pytest.mark.slow
-def test_idle_past_the_server_limit_the_next_unit_succeeds_without_a_ping(pooled):
+def test_idle_past_the_server_limit_the_next_unit_succeeds_without_a_ping(pooled: Callable[..., Any]) -> None:
     """A pooled connection idle past the server's limit is dropped at checkout with no round trip; the unit works."""
     pooled(**short_idle())
     with freshconn.unit_of_work():
@@ -107,7 +111,7 @@ def test_idle_past_the_server_limit_the_next_unit_succeeds_without_a_ping(pooled
     assert c["discarded_server_idle"] >= 1
 
 
-def test_a_pooled_connection_killed_in_the_pool_is_replaced(pooled):
+def test_a_pooled_connection_killed_in_the_pool_is_replaced(pooled: Callable[..., Any]) -> None:
     """A pooled connection killed while it sat in the pool is found at checkout and replaced; the unit works."""
     pooled()
     with freshconn.unit_of_work():
@@ -118,7 +122,7 @@ def test_a_pooled_connection_killed_in_the_pool_is_replaced(pooled):
     assert counters()["discarded"] >= 1
 
 
-def test_more_threads_than_the_pool_holds_do_not_exhaust_it(pooled):
+def test_more_threads_than_the_pool_holds_do_not_exhaust_it(pooled: Callable[..., Any]) -> None:
     """Six threads on a pool of two: units return their connection, so no thread waits out the pool's timeout."""
     pooled(timeout=5)
     errors: list[BaseException] = []
@@ -141,7 +145,7 @@ def test_more_threads_than_the_pool_holds_do_not_exhaust_it(pooled):
     assert errors == []
 
 
-def test_a_forked_child_gets_its_own_pool_and_leaves_the_parents_alone(pooled):
+def test_a_forked_child_gets_its_own_pool_and_leaves_the_parents_alone(pooled: Callable[..., Any]) -> None:
     """After fork, the child drops the parent's pool without a byte on its sockets; both keep working."""
     parent_pool = pooled()
     with freshconn.unit_of_work():

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from django.db import connections
+from testbed.redis import Redis
+from testbed.servers import DBServer
 
 from tests.conftest import DRIVER, VENDOR
 from tests.queue_tasks.faults import Contrast, run_scenario
@@ -94,7 +96,9 @@ def worker(env: dict[str, str], queue: str = "default") -> WorkerProcess:
     )
 
 
-def test_tasks_ride_idle_kill_and_restart_on_persistent_connections(queue, server, redis_server, redis_client):
+def test_tasks_ride_idle_kill_and_restart_on_persistent_connections(
+    queue: Any, server: DBServer, redis_server: Redis, redis_client: Any
+) -> None:
     """Sync and async tasks ride idle, KILL and a restart with no connect or ping while busy; DjangoApp's fails once."""
     scenario, plain = worker_env(redis_server), worker_env(redis_server, integration=False, db=1)
     with side_by_side(worker(scenario), worker(plain, queue="plain")) as (w, p):

@@ -31,7 +31,7 @@ from freshconn._sql import COMMIT, NEUTRAL, READ, WRITE, classify
         (["CHECK_AFTER_IDLE"], "must be a dict"),
     ],
 )
-def test_bad_settings_fail_loudly_naming_the_setting(raw, needle):
+def test_bad_settings_fail_loudly_naming_the_setting(raw: object, needle: str) -> None:
     """Every invalid FRESHCONN value is rejected with the offending key's name and a fix."""
     with pytest.raises(ImproperlyConfigured) as err:
         conf.load(raw)
@@ -39,7 +39,7 @@ def test_bad_settings_fail_loudly_naming_the_setting(raw, needle):
     assert "Fix" in str(err.value)
 
 
-def test_good_settings_are_read_with_types_and_defaults():
+def test_good_settings_are_read_with_types_and_defaults() -> None:
     """Valid settings come back as floats; CONN_MAX_AGE None means an unlimited override."""
     cfg = conf.load({"CHECK_AFTER_IDLE": 2, "CONN_MAX_AGE": None, "RECONNECT_TIMEOUT": 30})
     assert cfg.check_after_idle == 2.0
@@ -51,7 +51,7 @@ def test_good_settings_are_read_with_types_and_defaults():
     assert conf.load({}).max_age_for({"CONN_MAX_AGE": 60}) == 60.0
 
 
-def test_start_up_fails_on_a_bad_setting():
+def test_start_up_fails_on_a_bad_setting() -> None:
     """The app's ready() validates FRESHCONN, so a bad value stops the process at start-up."""
     from django.apps import apps
 
@@ -59,14 +59,14 @@ def test_start_up_fails_on_a_bad_setting():
         apps.get_app_config("freshconn").ready()
 
 
-def test_settings_change_is_picked_up():
+def test_settings_change_is_picked_up() -> None:
     """override_settings(FRESHCONN=...) takes effect at once (the cached config is reset)."""
     with override_settings(FRESHCONN={"CHECK_AFTER_IDLE": 0.5}):
         assert conf.get().check_after_idle == 0.5
     assert conf.get().check_after_idle == conf.DEFAULT_CHECK_AFTER_IDLE
 
 
-def test_system_check_warns_when_check_after_idle_is_not_below_the_lifetime():
+def test_system_check_warns_when_check_after_idle_is_not_below_the_lifetime() -> None:
     """freshconn.W001 fires through manage.py check when CHECK_AFTER_IDLE >= the connection lifetime."""
     from django.core.management.base import SystemCheckError
 
@@ -77,7 +77,7 @@ def test_system_check_warns_when_check_after_idle_is_not_below_the_lifetime():
 
 
 @pytest.mark.parametrize("code", [2006, 2013, 2055, 4031, 1927, 1053, 2014, 2002, 2003])
-def test_mysql_disconnect_codes_are_disconnects(code):
+def test_mysql_disconnect_codes_are_disconnects(code: int) -> None:
     """Every MySQL/MariaDB 'connection gone' code is a disconnect, raw or wrapped by Django."""
     raw = pymysql.err.OperationalError(code, "whatever the text says")
     assert freshconn.is_disconnect(raw)
@@ -87,19 +87,19 @@ def test_mysql_disconnect_codes_are_disconnects(code):
 
 
 @pytest.mark.parametrize("code", [1062, 1205, 1213, 1064, 1146])
-def test_mysql_application_errors_are_not_disconnects(code):
+def test_mysql_application_errors_are_not_disconnects(code: int) -> None:
     """Duplicate key, lock wait timeout, deadlock, syntax error and missing table keep the connection."""
     assert not freshconn.is_disconnect(pymysql.err.OperationalError(code, "MySQL server has gone away"))
 
 
-def test_mysql_interface_error_zero_is_a_disconnect():
+def test_mysql_interface_error_zero_is_a_disconnect() -> None:
     """PyMySQL's InterfaceError(0, '') on a dropped connection counts, but a bare OperationalError(0) does not."""
     assert freshconn.is_disconnect(pymysql.err.InterfaceError(0, ""))
     assert not freshconn.is_disconnect(pymysql.err.OperationalError(0, ""))
 
 
 @pytest.mark.parametrize("sqlstate", ["08006", "08003", "08P01", "57P01", "57P02", "57P03", "57P05", "25P03"])
-def test_postgres_sqlstates_are_disconnects(sqlstate):
+def test_postgres_sqlstates_are_disconnects(sqlstate: str) -> None:
     """psycopg 3 errors carrying a connection-class SQLSTATE are disconnects."""
     psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
 
@@ -108,7 +108,7 @@ def test_postgres_sqlstates_are_disconnects(sqlstate):
 
 
 @pytest.mark.parametrize("sqlstate", ["23505", "40001", "40P01", "57014", "42601"])
-def test_postgres_application_sqlstates_are_not_disconnects(sqlstate):
+def test_postgres_application_sqlstates_are_not_disconnects(sqlstate: str) -> None:
     """Unique violation, serialization failure, deadlock, statement timeout and syntax errors are not."""
     psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
 
@@ -116,7 +116,7 @@ def test_postgres_application_sqlstates_are_not_disconnects(sqlstate):
     assert not freshconn.is_disconnect(cls("server closed the connection unexpectedly"))
 
 
-def test_libpq_client_side_messages_without_code_are_disconnects():
+def test_libpq_client_side_messages_without_code_are_disconnects() -> None:
     """libpq's code-less client errors are recognised for both psycopg 3 and psycopg2."""
     import psycopg2
 
@@ -125,13 +125,13 @@ def test_libpq_client_side_messages_without_code_are_disconnects():
     assert not freshconn.is_disconnect(psycopg2.OperationalError("canceling statement due to user request"))
 
 
-def test_psycopg3_closed_connection_message_is_a_disconnect():
+def test_psycopg3_closed_connection_message_is_a_disconnect() -> None:
     """psycopg 3's code-less 'the connection is closed' is recognised."""
     psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
     assert freshconn.is_disconnect(psycopg.OperationalError("the connection is closed"))
 
 
-def test_unrelated_errors_are_not_disconnects():
+def test_unrelated_errors_are_not_disconnects() -> None:
     """Python errors, and errors merely raised while handling a disconnect, are not disconnects."""
     assert not freshconn.is_disconnect(ValueError("server closed the connection unexpectedly"))
     assert not freshconn.is_disconnect(None)
@@ -143,14 +143,14 @@ def test_unrelated_errors_are_not_disconnects():
     assert not freshconn.is_disconnect(unrelated)
 
 
-def test_ambiguous_commit_error_is_an_operational_disconnect():
+def test_ambiguous_commit_error_is_an_operational_disconnect() -> None:
     """AmbiguousCommitError is a Django OperationalError that is_disconnect() recognises."""
     exc = freshconn.AmbiguousCommitError("lost during COMMIT")
     assert isinstance(exc, OperationalError)
     assert freshconn.is_disconnect(exc)
 
 
-def test_start_verdict_orders_reasons():
+def test_start_verdict_orders_reasons() -> None:
     """Lifetime first, then the server's idle limit, then the idle check; busy connections get nothing."""
     v = _policy.start_verdict
     assert v(10.0, 9.0, 9.9, None, 5.0, False) == "max_age"
@@ -160,7 +160,7 @@ def test_start_verdict_orders_reasons():
     assert v(10.0, math.inf, 9.0, 8.0, 5.0, True) == _policy.PING
 
 
-def test_deadline_jitter_only_shortens_lifetimes():
+def test_deadline_jitter_only_shortens_lifetimes() -> None:
     """Jitter spreads lifetimes by at most 5 % and never past the configured maximum."""
     assert _policy.deadline_for(100.0, None, 0.5) == math.inf
     assert _policy.deadline_for(100.0, 0, 0.5) == 100.0
@@ -168,7 +168,7 @@ def test_deadline_jitter_only_shortens_lifetimes():
     assert 157.0 <= _policy.deadline_for(100.0, 60, 0.999) < 160.0
 
 
-def test_effective_idle_limit_keeps_a_margin():
+def test_effective_idle_limit_keeps_a_margin() -> None:
     """A server idle limit is trusted minus a margin, and 0 means no limit."""
     assert _policy.effective_idle_limit(None) is None
     assert _policy.effective_idle_limit(0) is None
@@ -177,7 +177,7 @@ def test_effective_idle_limit_keeps_a_margin():
     assert _policy.effective_idle_limit(0.5) == 0.25
 
 
-def test_retry_verdict_rules():
+def test_retry_verdict_rules() -> None:
     """Only idempotent units, or units that applied nothing, are retried; COMMIT in flight never is."""
     rv = _policy.retry_verdict
     assert rv(idempotent=False, commit_in_flight=False, applied=False, write_in_flight=False)[0]
@@ -208,13 +208,13 @@ def test_retry_verdict_rules():
         ("COMMIT", COMMIT),
     ],
 )
-def test_sql_classification_is_conservative(sql, kind):
+def test_sql_classification_is_conservative(sql: str, kind: str) -> None:
     """Reads are recognised narrowly; anything unknown counts as a write."""
     assert classify(sql) == kind
 
 
 @pytest.mark.django_db(databases=["lite"])
-def test_sqlite_alias_is_a_harmless_noop():
+def test_sqlite_alias_is_a_harmless_noop() -> None:
     """Units over a SQLite alias run, count nothing, and never close its connection."""
     from django.db import connections
 
@@ -229,23 +229,23 @@ def test_sqlite_alias_is_a_harmless_noop():
     assert freshconn.stats().get("lite", {}).get("units", 0) == 0
 
 
-def test_unit_of_work_rejects_a_positional_alias():
+def test_unit_of_work_rejects_a_positional_alias() -> None:
     """unit_of_work('default') is a mistake for using='default' and says so."""
     with pytest.raises(TypeError, match="using="):
         freshconn.unit_of_work("default")  # type: ignore[call-overload]
 
 
-def test_unit_of_work_refuses_coroutine_functions():
+def test_unit_of_work_refuses_coroutine_functions() -> None:
     """Decorating an async function points the user to the right tool instead of silently misbehaving."""
 
     async def handler() -> None:
         pass
 
     with pytest.raises(TypeError):
-        freshconn.unit_of_work(handler)
+        freshconn.unit_of_work(handler)  # type: ignore[deprecated]  # the misuse under test
 
 
-def test_fast_path_and_start_rule_agree():
+def test_fast_path_and_start_rule_agree() -> None:
     """The start-of-unit fast path (one number, check_at) says "reuse" exactly when start_verdict says None."""
     import random
 
@@ -263,7 +263,7 @@ def test_fast_path_and_start_rule_agree():
         assert fast == (verdict is None), (now, deadline, last_used, idle_limit, check_after, verdict)
 
 
-def test_reconnect_pauses_grow_are_capped_and_jittered():
+def test_reconnect_pauses_grow_are_capped_and_jittered() -> None:
     """Pauses between attempts while a server is down double from 0.1 s up to 1 s, jittered down to half."""
     assert _policy.reconnect_pause(1, 1.0) == pytest.approx(0.1)
     assert _policy.reconnect_pause(2, 1.0) == pytest.approx(0.2)
@@ -271,7 +271,7 @@ def test_reconnect_pauses_grow_are_capped_and_jittered():
     assert _policy.reconnect_pause(10, 0.0) == pytest.approx(_policy.RECONNECT_MAX_PAUSE / 2)
 
 
-def test_a_hidden_idle_limit_below_a_pools_max_idle_names_max_idle_in_the_fix():
+def test_a_hidden_idle_limit_below_a_pools_max_idle_names_max_idle_in_the_fix() -> None:
     """With a pool, the probe's hidden-idle-limit fix also names the max_idle to set below the measured limit."""
     from freshconn._audit import AliasSettings
     from freshconn._inspect import ServerFacts

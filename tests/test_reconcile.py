@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 from testbed.proxies import Relay
+from testbed.servers import DBServer
 
 import freshconn
 from tests.app.models import Order
-from tests.conftest import VENDOR, admin_connection
+from tests.conftest import VENDOR, admin_connection, driver_module
 
 pytestmark = pytest.mark.server
 
@@ -65,7 +66,8 @@ class CommitHold:
     def rows(ref: str) -> int:
         """Committed orders with ``ref``, read by a new session of the app (what a reconciling worker does)."""
         with freshconn.unit_of_work():
-            return Order.objects.filter(ref=ref).count()
+            count: int = Order.objects.filter(ref=ref).count()
+            return count
 
     def close(self) -> None:
         self.admin.close()
@@ -76,7 +78,7 @@ def superuser(server: Any) -> Any:
     """A raw superuser session (autocommit); on PostgreSQL in the test database, where the app's tables are."""
     if VENDOR == "mysql":
         return admin_connection(server)
-    raw = connection.Database.connect(
+    raw = driver_module().connect(
         host=server.tmp, port=server.port, user="postgres", dbname=connection.settings_dict["NAME"]
     )
     raw.autocommit = True
@@ -152,7 +154,9 @@ def _lose_a_held_commit(
     return err.value, seen
 
 
-def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_client_lost(dbconf, commit_hold, relay):
+def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_client_lost(
+    dbconf: Callable[..., None], commit_hold: CommitHold, relay: Relay
+) -> None:
     """The client is cut while the server holds its COMMIT: False while held, True once committed, row then visible."""
     exc, seen = _lose_a_held_commit(dbconf, commit_hold, relay, "settle-1")
     assert seen == [exc.backend_id]
@@ -169,7 +173,9 @@ def test_wait_until_settled_returns_only_after_the_server_finished_a_commit_its_
     assert commit_hold.rows("settle-1") == 1
 
 
-def test_wait_until_settled_after_the_server_rolled_the_commit_back(dbconf, commit_hold, relay, server):
+def test_wait_until_settled_after_the_server_rolled_the_commit_back(
+    dbconf: Callable[..., None], commit_hold: CommitHold, relay: Relay, server: DBServer
+) -> None:
     """When the lost session is killed instead, wait_until_settled() returns True and the row is absent for good."""
     exc, _ = _lose_a_held_commit(dbconf, commit_hold, relay, "settle-2")
     assert exc.backend_id is not None
@@ -183,7 +189,7 @@ def test_wait_until_settled_after_the_server_rolled_the_commit_back(dbconf, comm
     assert commit_hold.rows("settle-2") == 0
 
 
-def test_wait_until_settled_counts_a_server_restart_after_the_commit_as_settled(live, server):
+def test_wait_until_settled_counts_a_server_restart_after_the_commit_as_settled(live: None, server: DBServer) -> None:
     """A server restarted after the COMMIT was sent settles it, even when a new session carries the lost one's id."""
     from freshconn._sessions import side_session
 

@@ -25,7 +25,7 @@ from django.core.management.base import SystemCheckError
 from django.db import Error, connections
 from django.test import override_settings
 from prometheus_client import CollectorRegistry, generate_latest
-from testbed.servers import DB_NAME, Server, free_port
+from testbed.servers import DB_NAME, DBServer, free_port
 
 import freshconn
 from freshconn import _outage
@@ -65,7 +65,7 @@ def _sql_literal(text: str) -> str:
 class Accounts:
     """Server accounts for the matrix: ``fcpw`` (password changed per case) and ``fcbad``."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: DBServer) -> None:
         self.server = server
         self.raw = admin_connection(server)
 
@@ -96,7 +96,7 @@ class Accounts:
 
 
 @pytest.fixture(scope="module")
-def accounts(server: Server) -> Iterator[Accounts]:
+def accounts(server: DBServer) -> Iterator[Accounts]:
     """The two matrix accounts; on PostgreSQL they must authenticate by password (the test bed trusts others)."""
     acc = Accounts(server)
     hba_path, saved = "", ""
@@ -124,7 +124,7 @@ def dead_port() -> int:
     return free_port()
 
 
-def _matrix_aliases(server: Server, password: str, dead_port: int) -> dict[str, dict[str, Any]]:
+def _matrix_aliases(server: DBServer, password: str, dead_port: int) -> dict[str, dict[str, Any]]:
     """Where the password sits: PASSWORD everywhere, plus OPTIONS, a DSN in OPTIONS and a DSN as NAME."""
     scheme = "mysql" if VENDOR == "mysql" else "postgresql"
     dsn = f"{scheme}://{USER}:{quote(password, safe='')}@127.0.0.1:{server.port}/{DB_NAME}"
@@ -190,7 +190,7 @@ def _units() -> None:
     wait_until_socket_shows_close("ok")
     with freshconn.unit_of_work(using="ok"):
         _query("ok")  # "discarded connection 'ok': dead"
-    killed = []
+    killed: list[int] = []
 
     @freshconn.unit_of_work(using="ok", retries=1)
     def killed_once() -> None:
@@ -214,7 +214,7 @@ def _scrape() -> str:
     return re.sub(r"^(freshconn_reconnect_attempts_total\{[^}]*\}) \S+$", r"\1 N", text, flags=re.M)
 
 
-def run_everything(server: Server, accounts: Accounts, password: str, dead_port: int) -> dict[str, str]:
+def run_everything(server: DBServer, accounts: Accounts, password: str, dead_port: int) -> dict[str, str]:
     """Every output of freshconn for aliases holding ``password``, normalized for comparison."""
     accounts.set_password(USER, password)
     records = StringIO()
@@ -254,7 +254,7 @@ def run_everything(server: Server, accounts: Accounts, password: str, dead_port:
 
 @pytest.mark.parametrize("password", PASSWORDS, ids=lambda p: "special" if p == SPECIAL else p)
 def test_password_changes_no_output(
-    live: None, server: Server, accounts: Accounts, dead_port: int, password: str
+    live: None, server: DBServer, accounts: Accounts, dead_port: int, password: str
 ) -> None:
     """With the password and with its twin, the doctor, checks, logs and metrics print exactly the same."""
     seen = run_everything(server, accounts, password, dead_port)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from django.db import Error, OperationalError, connection, connections, transaction
+from testbed.servers import DBServer, MariaDB
 
 import freshconn
 from freshconn.testing import kill_connection
@@ -18,7 +19,7 @@ from tests.conftest import VENDOR, backend_id, counters
 pytestmark = pytest.mark.server
 
 
-def test_reads_only_killed_mid_unit_are_retried(live):
+def test_reads_only_killed_mid_unit_are_retried(live: None) -> None:
     """A unit that had only read when its connection was killed runs again and returns the right result."""
     Order.objects.create(ref="r-1", qty=7)
     calls = []
@@ -26,10 +27,11 @@ def test_reads_only_killed_mid_unit_are_retried(live):
     @freshconn.unit_of_work(retries=2)
     def total() -> int:
         calls.append(1)
-        first = Order.objects.get(ref="r-1").qty
+        first: int = Order.objects.get(ref="r-1").qty
         if len(calls) == 1:
             kill_connection()
-        return first + Order.objects.get(ref="r-1").qty
+        second: int = Order.objects.get(ref="r-1").qty
+        return first + second
 
     assert total() == 14
     assert len(calls) == 2
@@ -37,7 +39,7 @@ def test_reads_only_killed_mid_unit_are_retried(live):
     assert counters()["not_retried_unsafe"] == 0
 
 
-def test_autocommit_write_then_kill_is_not_retried(live):
+def test_autocommit_write_then_kill_is_not_retried(live: None) -> None:
     """After an applied autocommit INSERT, a later disconnect reaches the caller and no second row appears."""
     calls = []
 
@@ -58,7 +60,7 @@ def test_autocommit_write_then_kill_is_not_retried(live):
     assert counters()["retries"] == 0
 
 
-def test_kill_inside_atomic_retries_the_whole_transaction_once(live):
+def test_kill_inside_atomic_retries_the_whole_transaction_once(live: None) -> None:
     """Writes inside a transaction the disconnect rolled back are retried, leaving exactly one committed copy."""
     calls = []
 
@@ -77,7 +79,7 @@ def test_kill_inside_atomic_retries_the_whole_transaction_once(live):
     assert counters()["retries"] == 1
 
 
-def test_committed_transaction_then_kill_is_not_retried(live):
+def test_committed_transaction_then_kill_is_not_retried(live: None) -> None:
     """Once a transaction has committed, a later disconnect in the same unit is not retried."""
     calls = []
 
@@ -99,7 +101,7 @@ def test_committed_transaction_then_kill_is_not_retried(live):
 def _kill_at_the_next_autocommit_restore(monkeypatch: pytest.MonkeyPatch) -> None:
     """The session dies once, after the server applied a COMMIT and before Django restores autocommit."""
     cls = type(connections["default"])
-    restore = cls._set_autocommit
+    restore = cls._set_autocommit  # type: ignore[attr-defined]  # private, not in django-stubs
 
     def killed_first(self: Any, autocommit: bool) -> None:
         if autocommit:
@@ -111,7 +113,7 @@ def _kill_at_the_next_autocommit_restore(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(cls, "_set_autocommit", killed_first)
 
 
-def test_connection_lost_right_after_commit_is_not_retried(live, monkeypatch):
+def test_connection_lost_right_after_commit_is_not_retried(live: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed between a successful COMMIT and Django's autocommit restore, the applied transaction is not replayed."""
     calls = []
 
@@ -132,7 +134,9 @@ def test_connection_lost_right_after_commit_is_not_retried(live, monkeypatch):
     assert counters()["not_retried_unsafe"] == 1
 
 
-def test_atomic_block_whose_connection_dies_right_after_commit_succeeds(live, monkeypatch):
+def test_atomic_block_whose_connection_dies_right_after_commit_succeeds(
+    live: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Lost between COMMIT and the autocommit restore: the block succeeds, on_commit runs, the connection is dropped."""
     ran: list[str] = []
     with freshconn.unit_of_work(), transaction.atomic():
@@ -145,7 +149,7 @@ def test_atomic_block_whose_connection_dies_right_after_commit_succeeds(live, mo
     assert counters()["discarded_dead"] == 1
 
 
-def test_idempotent_unit_is_retried_after_an_autocommit_write(live):
+def test_idempotent_unit_is_retried_after_an_autocommit_write(live: None) -> None:
     """With idempotent=True the caller vouches for replays, so an applied write does not block the retry."""
     calls = []
 
@@ -163,7 +167,7 @@ def test_idempotent_unit_is_retried_after_an_autocommit_write(live):
     assert counters()["retries"] == 1
 
 
-def test_retries_are_exhausted_then_the_error_surfaces(live):
+def test_retries_are_exhausted_then_the_error_surfaces(live: None) -> None:
     """A unit that keeps losing its connection is retried N times, then the disconnect reaches the caller."""
     calls = []
 
@@ -181,7 +185,7 @@ def test_retries_are_exhausted_then_the_error_surfaces(live):
     assert counters()["retries_exhausted"] == 1
 
 
-def test_non_disconnect_errors_are_never_retried(live):
+def test_non_disconnect_errors_are_never_retried(live: None) -> None:
     """An IntegrityError is the application's business: no retry, no discard."""
     Order.objects.create(ref="dup")
     calls = []
@@ -197,13 +201,13 @@ def test_non_disconnect_errors_are_never_retried(live):
     assert counters()["discarded"] == 0
 
 
-def test_with_block_cannot_take_retries(live):
+def test_with_block_cannot_take_retries(live: None) -> None:
     """A with block cannot be re-run, so asking it for retries fails loudly and says what to do."""
     with pytest.raises(TypeError, match="decorator form"), freshconn.unit_of_work(retries=1):
         pass
 
 
-def test_retrying_function_inside_a_unit_retries(live):
+def test_retrying_function_inside_a_unit_retries(live: None) -> None:
     """Inside an outer unit with no transaction open, a retrying function is re-run on a fresh connection."""
     calls = []
 
@@ -213,7 +217,8 @@ def test_retrying_function_inside_a_unit_retries(live):
         Order.objects.count()
         if len(calls) == 1:
             kill_connection()
-        return Order.objects.count()
+        rows: int = Order.objects.count()
+        return rows
 
     with freshconn.unit_of_work():
         assert inner() == 0
@@ -221,7 +226,9 @@ def test_retrying_function_inside_a_unit_retries(live):
     assert counters()["retries"] == 1
 
 
-def test_retrying_function_inside_the_callers_transaction_runs_once(live, caplog):
+def test_retrying_function_inside_the_callers_transaction_runs_once(
+    live: None, caplog: pytest.LogCaptureFixture
+) -> None:
     """Inside the caller's atomic block a retrying function runs once, with a warning and a counter."""
     calls = []
 
@@ -261,7 +268,7 @@ def _kill_sql(session: int) -> str:
 class KillWhen(threading.Thread):
     """Kills a session from the admin side as soon as its server-side state matches ``needle``."""
 
-    def __init__(self, server, session: int, needle: str, timeout: float = 10.0) -> None:
+    def __init__(self, server: DBServer, session: int, needle: str, timeout: float = 10.0) -> None:
         super().__init__(daemon=True)
         self.server, self.session, self.needle, self.timeout = server, session, needle.lower(), timeout
         self.killed = False
@@ -277,7 +284,7 @@ class KillWhen(threading.Thread):
             time.sleep(0.03)
 
 
-def test_write_in_flight_in_autocommit_is_not_retried(live, server):
+def test_write_in_flight_in_autocommit_is_not_retried(live: None, server: DBServer) -> None:
     """A connection lost while an autocommit write is running may have applied it: never retried."""
     calls = []
 
@@ -297,8 +304,11 @@ def test_write_in_flight_in_autocommit_is_not_retried(live, server):
 
 
 @pytest.fixture
-def commit_blocker(server) -> Iterator[None]:
-    """Make the next COMMIT of a transaction that wrote an 'amb-%' order hang on the server."""
+def commit_blocker(server: DBServer) -> Iterator[Any]:
+    """Make the next COMMIT of a transaction that wrote an 'amb-%' order hang on the server.
+
+    Yields, on MariaDB, the root session that holds the lock (raw MySQLdb: Any); on PostgreSQL, None.
+    """
     if VENDOR == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute(
@@ -317,6 +327,7 @@ def commit_blocker(server) -> Iterator[None]:
     # MariaDB: a global read lock held by another session blocks COMMIT ("Waiting for commit lock").
     import MySQLdb
 
+    assert isinstance(server, MariaDB)
     holder = MySQLdb.connect(unix_socket=server.socket, user="root")
     try:
         yield holder
@@ -325,13 +336,15 @@ def commit_blocker(server) -> Iterator[None]:
         holder.close()
 
 
-def _block_commits(blocker) -> None:
+def _block_commits(blocker: Any) -> None:
     if VENDOR == "mysql":
         blocker.cursor().execute("FLUSH TABLES WITH READ LOCK")
 
 
 @pytest.mark.parametrize("form", ["decorator", "with"])
-def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, commit_blocker, form):
+def test_connection_lost_during_commit_raises_ambiguous_commit(
+    live: None, server: DBServer, commit_blocker: Any, form: str
+) -> None:
     """Losing the connection while COMMIT is in flight raises AmbiguousCommitError and is never retried."""
     calls = []
 
@@ -366,7 +379,9 @@ def test_connection_lost_during_commit_raises_ambiguous_commit(live, server, com
         assert counters()["not_retried_unsafe"] == 1
 
 
-def test_a_reconcile_read_while_handling_ambiguous_commit_is_retried(live, server, commit_blocker):
+def test_a_reconcile_read_while_handling_ambiguous_commit_is_retried(
+    live: None, server: DBServer, commit_blocker: Any
+) -> None:
     """A retrying read run inside ``except AmbiguousCommitError`` is retried after its own disconnect."""
     reads = []
 
@@ -382,7 +397,7 @@ def test_a_reconcile_read_while_handling_ambiguous_commit_is_retried(live, serve
     @freshconn.unit_of_work(retries=2)
     def applied() -> bool:
         reads.append(1)
-        found = Order.objects.filter(ref="amb-2").exists()
+        found: bool = Order.objects.filter(ref="amb-2").exists()
         if len(reads) == 1:
             kill_connection()  # the reconcile loses its connection too (a restart in progress)
             Order.objects.count()
@@ -400,7 +415,7 @@ def test_a_reconcile_read_while_handling_ambiguous_commit_is_retried(live, serve
     assert counters()["retries"] == 1
 
 
-def test_no_silent_reconnect_inside_an_atomic_block(live):
+def test_no_silent_reconnect_inside_an_atomic_block(live: None) -> None:
     """After a kill inside atomic, the block stays failed (Django's semantics): nothing reconnects mid-transaction."""
     from django.db.transaction import TransactionManagementError
 

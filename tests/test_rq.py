@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from rq import Queue
+from testbed.redis import Redis
 
 from tests.conftest import IDLE_PAST_TIMEOUT
 from tests.queue_tasks import PARENT_KEY
@@ -28,7 +30,7 @@ pytestmark = [pytest.mark.server, pytest.mark.broker, pytest.mark.slow]
 JOB = "tests.queue_tasks.record"
 
 
-def send(client, *refs: str) -> None:
+def send(client: Any, *refs: str) -> None:
     queue = Queue("default", connection=client)
     for ref in refs:
         queue.enqueue(JOB, ref)
@@ -38,7 +40,9 @@ def worker(kind: str, env: dict[str, str]) -> WorkerProcess:
     return WorkerProcess(["-m", "tests.queue_tasks.rq_jobs", kind], env)
 
 
-def test_simple_worker_reuses_its_connection_and_survives_idle_past_server_timeout(live, redis_server, redis_client):
+def test_simple_worker_reuses_its_connection_and_survives_idle_past_server_timeout(
+    live: None, redis_server: Redis, redis_client: Any
+) -> None:
     """SimpleWorker: busy jobs share one connection with no ping; after the server's idle timeout, no error."""
     with worker("simple", worker_env(redis_server)) as w:
         send(redis_client, *(f"busy-{i}" for i in range(3)))
@@ -51,7 +55,9 @@ def test_simple_worker_reuses_its_connection_and_survives_idle_past_server_timeo
     assert row_count() == 5
 
 
-def test_without_freshconn_simple_worker_fails_after_idle_past_server_timeout(live, redis_server, redis_client):
+def test_without_freshconn_simple_worker_fails_after_idle_past_server_timeout(
+    live: None, redis_server: Redis, redis_client: Any
+) -> None:
     """Contrast: a plain SimpleWorker hands the next job the connection the server already dropped."""
     with worker("simple", worker_env(redis_server, integration=False)) as w:
         send(redis_client, "busy-0")
@@ -62,7 +68,9 @@ def test_without_freshconn_simple_worker_fails_after_idle_past_server_timeout(li
     assert len(errors(after)) == 1
 
 
-def test_forking_worker_horses_never_use_the_workers_session(live, redis_server, redis_client):
+def test_forking_worker_horses_never_use_the_workers_session(
+    live: None, redis_server: Redis, redis_client: Any
+) -> None:
     """Forking Worker: each horse drops its inherited session and opens its own, no ping; the worker's stays usable."""
     env = worker_env(redis_server, FRESHCONN_TEST_PARENT_QUERY="1")
     with worker("fork", env) as w:
@@ -83,7 +91,9 @@ def test_forking_worker_horses_never_use_the_workers_session(live, redis_server,
     assert row_count() == 3
 
 
-def test_without_freshconn_forking_worker_horses_talk_on_the_workers_session(live, redis_server, redis_client):
+def test_without_freshconn_forking_worker_horses_talk_on_the_workers_session(
+    live: None, redis_server: Redis, redis_client: Any
+) -> None:
     """Contrast: a plain forking Worker's horse runs its job on the session the worker process holds."""
     env = worker_env(redis_server, integration=False, FRESHCONN_TEST_PARENT_QUERY="1")
     with worker("fork", env) as w:

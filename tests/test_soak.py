@@ -50,7 +50,7 @@ def _black_hole_skipped(result: dict[str, Any]) -> bool:
     return any(note.startswith("black hole skipped") for note in result["notes"])
 
 
-def test_short_soak_loses_nothing_applies_nothing_twice_and_never_restarts_the_worker(tmp_path):
+def test_short_soak_loses_nothing_applies_nothing_twice_and_never_restarts_the_worker(tmp_path: Path) -> None:
     """Under every fault kind, each message is applied exactly once, no worker restarts, every lost COMMIT surfaces."""
     r = soak(tmp_path, "--messages=180", "--faults=18", "--seed=3")
     assert (r["produced"], r["acked"], r["rows"]) == (180, 180, 180)
@@ -73,7 +73,7 @@ def test_short_soak_loses_nothing_applies_nothing_twice_and_never_restarts_the_w
     assert r["stats"]["ambiguous_commits"] == r["ambiguous_commit_errors"]["total"]
 
 
-def test_control_loop_without_freshconn_dies_under_the_same_faults(tmp_path):
+def test_control_loop_without_freshconn_dies_under_the_same_faults(tmp_path: Path) -> None:
     """For contrast: a plain Django loop under the same faults dies and is restarted by its supervisor."""
     r = soak(tmp_path, "--mode=control", "--messages=60", "--faults=6", "--seed=3")
     assert r["mode"] == "control"

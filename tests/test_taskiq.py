@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from testbed.redis import Redis
+from testbed.servers import DBServer
 
 from tests.queue_tasks.faults import Contrast, run_scenario
 from tests.queue_tasks.harness import (
@@ -40,7 +42,9 @@ def sender(url: str, *task_names: str) -> Any:
             broker = taskiq_redis.ListQueueBroker(url, queue_name="freshconn-tests-taskiq")
             await broker.startup()
             try:
-                kickers = [AsyncKicker(task_name=name, broker=broker, labels={}) for name in task_names]
+                kickers: list[AsyncKicker[Any, Any]] = [
+                    AsyncKicker(task_name=name, broker=broker, labels={}) for name in task_names
+                ]
                 for i, ref in enumerate(refs):
                     await kickers[i % len(kickers)].kiq(ref)
             finally:
@@ -74,7 +78,9 @@ def worker(env: dict[str, str]) -> WorkerProcess:
     )
 
 
-def test_tasks_ride_idle_kill_and_restart_on_persistent_connections(live, server, redis_server, redis_client):
+def test_tasks_ride_idle_kill_and_restart_on_persistent_connections(
+    live: None, server: DBServer, redis_server: Redis, redis_client: Any
+) -> None:
     """Async and sync tasks ride idle, KILL and a restart with no connect or ping while busy; without it, idle fails."""
     scenario, plain = worker_env(redis_server), worker_env(redis_server, integration=False, db=1)
     with side_by_side(worker(scenario), worker(plain)) as (w, p):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
+from testbed.servers import DBServer
 
 import freshconn
 from tests.app.models import Order
@@ -92,9 +93,10 @@ class Runner:
 
     async def batch(self, kind: str, name: str, n: int, attempts: int = 1) -> list[dict[str, Any]]:
         refs = [f"{kind}-{name}-{i}" for i in range(n)]
-        return await self.env.client.execute_workflow(
+        reports: list[dict[str, Any]] = await self.env.client.execute_workflow(
             Batch.run, args=[kind, refs, attempts], id=f"wf-{uuid.uuid4().hex}", task_queue=self.task_queue
         )
+        return reports
 
 
 async def with_workers(body: Any) -> Any:
@@ -125,13 +127,14 @@ async def with_workers(body: Any) -> Any:
 
 
 def delta(before: list[dict[str, Any]], after: list[dict[str, Any]], counter: str) -> int:
-    return max(r["stats"][counter] for r in after) - max(r["stats"][counter] for r in before)
+    grew: int = max(r["stats"][counter] for r in after) - max(r["stats"][counter] for r in before)
+    return grew
 
 
-def test_activity_attempts_ride_idle_kill_and_restart(short_timeout, server):
+def test_activity_attempts_ride_idle_kill_and_restart(short_timeout: int, server: DBServer) -> None:
     """Sync and async activities ride idle, KILL and a restart, each once; without it, every retry hits a dead one."""
     from temporalio.client import WorkflowFailureError
-    from temporalio.exceptions import RetryState
+    from temporalio.exceptions import ActivityError, RetryState
 
     async def body(run: Runner, plain: Runner) -> int:
         await plain.batch("sync", "plain-warm", 1)  # before the counted phases: its connect is not counted
@@ -146,6 +149,7 @@ def test_activity_attempts_ride_idle_kill_and_restart(short_timeout, server):
         # Contrast: the plain worker's activity fails on all three attempts, on the same dead connection.
         with pytest.raises(WorkflowFailureError) as failed:
             await plain.batch("sync", "plain-idle", 1, attempts=3)
+        assert isinstance(failed.value.cause, ActivityError)
         assert failed.value.cause.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
         idle = [*(await run.batch("sync", "idle", 2)), *(await run.batch("async", "idle", 2))]
         assert max(r["stats"]["discarded_server_idle"] for r in idle) >= 2

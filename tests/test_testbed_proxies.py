@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 import pytest
 from django.db import connections
 from testbed.proxies import HAProxy, PgBouncer
-from testbed.servers import Server
+from testbed.servers import DBServer, Server
 
 import freshconn
 
@@ -22,7 +22,7 @@ PROXY_IDLE = 2
 PROXIES: list[str] = ["haproxy"] + (["pgbouncer"] if VENDOR == "postgresql" else [])
 
 
-def _proxy(kind: str, server: Server) -> AbstractContextManager[Server]:
+def _proxy(kind: str, server: DBServer) -> AbstractContextManager[Server]:
     if kind == "haproxy":
         return HAProxy(server.port, idle_timeout=PROXY_IDLE)
     return PgBouncer(server.port, client_idle_timeout=PROXY_IDLE)
@@ -35,7 +35,7 @@ def _select_one(alias: str) -> int:
 
 
 @pytest.fixture(params=PROXIES)
-def proxied(request: pytest.FixtureRequest, server: Server, live: None) -> Iterator[tuple[str, Callable[[], int]]]:
+def proxied(request: pytest.FixtureRequest, server: DBServer, live: None) -> Iterator[tuple[str, Callable[[], int]]]:
     """An alias ``proxied`` that reaches the session's server through the proxy under test."""
     with _proxy(request.param, server) as proxy:
         settings_dict = dict(connections["default"].settings_dict, PORT=str(proxy.port), CONN_MAX_AGE=None)

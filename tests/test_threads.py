@@ -8,6 +8,7 @@ import time
 
 import pytest
 from django.db import connection, connections
+from testbed.servers import DBServer
 
 import freshconn
 from freshconn import _threads
@@ -19,7 +20,7 @@ TASKS = 1000
 THREADS = 8
 
 
-def app_connections(server) -> int:
+def app_connections(server: DBServer) -> int:
     """How many sessions the server holds for the app user right now (read with the admin account)."""
     if VENDOR == "mysql":
         sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'app'"
@@ -28,7 +29,7 @@ def app_connections(server) -> int:
     return int(server.admin_sql(sql).strip())
 
 
-def settle(server, expected: int, timeout: float = 10.0) -> int:
+def settle(server: DBServer, expected: int, timeout: float = 10.0) -> int:
     """The app user's session count once it reached ``expected`` (a closed session leaves the list shortly after)."""
     deadline = time.monotonic() + timeout
     count = app_connections(server)
@@ -38,7 +39,7 @@ def settle(server, expected: int, timeout: float = 10.0) -> int:
     return count
 
 
-def baseline(server) -> int:
+def baseline(server: DBServer) -> int:
     """The app user's session count once it stopped moving (sessions closed just before may still be leaving)."""
     previous, count = -1, app_connections(server)
     deadline = time.monotonic() + 3
@@ -54,7 +55,7 @@ def query(i: int) -> tuple[int, int]:
         return threading.get_ident(), int(cursor.fetchone()[0])
 
 
-def test_pool_tasks_are_units_and_shutdown_closes_every_thread_connection(live, server):
+def test_pool_tasks_are_units_and_shutdown_closes_every_thread_connection(live: None, server: DBServer) -> None:
     """1,000 busy tasks on 8 threads: one connection per thread, no ping, and none left open after shutdown."""
     before = baseline(server)
     with freshconn.ThreadPoolExecutor(max_workers=THREADS) as pool:
@@ -72,7 +73,7 @@ def test_pool_tasks_are_units_and_shutdown_closes_every_thread_connection(live, 
     assert c["discarded"] == 0
 
 
-def test_plain_pool_leaves_one_connection_per_thread_for_contrast(live, server):
+def test_plain_pool_leaves_one_connection_per_thread_for_contrast(live: None, server: DBServer) -> None:
     """For contrast, a plain concurrent.futures pool leaves each worker thread's connection open after shutdown."""
     wrappers = {}
 
@@ -95,7 +96,7 @@ def test_plain_pool_leaves_one_connection_per_thread_for_contrast(live, server):
     assert settle(server, before) == before
 
 
-def test_failing_task_still_ends_its_unit_and_the_pool_closes_its_connection(live, server):
+def test_failing_task_still_ends_its_unit_and_the_pool_closes_its_connection(live: None, server: DBServer) -> None:
     """A task that raises reports the exception through its future; the thread's connection is still closed."""
     before = baseline(server)
 
@@ -112,7 +113,7 @@ def test_failing_task_still_ends_its_unit_and_the_pool_closes_its_connection(liv
     assert counters()["units"] == 2
 
 
-def test_connection_left_in_atomic_is_closed_when_the_thread_ends(live, server):
+def test_connection_left_in_atomic_is_closed_when_the_thread_ends(live: None, server: DBServer) -> None:
     """A task that leaks an open transaction cannot keep its connection alive past the thread's end."""
     before = baseline(server)
 
@@ -129,7 +130,7 @@ def test_connection_left_in_atomic_is_closed_when_the_thread_ends(live, server):
     assert settle(server, before) == before
 
 
-def test_close_thread_connections_closes_only_this_threads(live):
+def test_close_thread_connections_closes_only_this_threads(live: None) -> None:
     """close_thread_connections() closes the calling thread's connections and leaves other threads' alone."""
     query(0)
     mine = connection.connection

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.db import connections
+from testbed.servers import DBServer
 
 from tests.app.models import Alert, Notification
 from tests.conftest import VENDOR, short_server_timeout_options, subprocess_env
@@ -62,7 +63,9 @@ def stats_of(w: Worker) -> dict[str, Any]:
     return dict(json.loads(line.removeprefix("STATS ")))
 
 
-def test_tick_loop_sends_every_due_alert_once_through_idle_kill_and_restart(tick_loop, server):
+def test_tick_loop_sends_every_due_alert_once_through_idle_kill_and_restart(
+    tick_loop: Worker, server: DBServer
+) -> None:
     """Every due alert is sent exactly once through idle past the server limit, a KILL, a restart; SIGTERM: exit 0."""
     w = tick_loop
     sent = make_due("warm")
@@ -94,7 +97,7 @@ def test_tick_loop_sends_every_due_alert_once_through_idle_kill_and_restart(tick
     assert c["discarded_dead"] >= 1
 
 
-def test_sigterm_stops_the_tick_loop_while_it_waits_for_a_down_server(tick_loop, server):
+def test_sigterm_stops_the_tick_loop_while_it_waits_for_a_down_server(tick_loop: Worker, server: DBServer) -> None:
     """A SIGTERM while a tick waits for a server that is down ends the wait and the loop: exit 0, nothing lost."""
     w = tick_loop
     sent = make_due("before")

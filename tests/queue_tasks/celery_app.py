@@ -54,12 +54,12 @@ if integration_enabled():
     install(app)
 
 
-@app.task(name="freshconn_tests.record")
+@app.task(name="freshconn_tests.record")  # type: ignore[untyped-decorator]  # celery has no type hints
 def record_task(ref: str) -> dict[str, Any]:
     return record(ref)
 
 
-@app.task(name="freshconn_tests.record_slowly")
+@app.task(name="freshconn_tests.record_slowly")  # type: ignore[untyped-decorator]  # celery has no type hints
 def record_slowly(ref: str, seconds: float) -> str:
     """Write a row, then work (without the database) for ``seconds``; the result is stored after."""
     record(ref)

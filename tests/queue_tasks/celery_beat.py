@@ -12,6 +12,6 @@ from typing import Any
 from django_celery_beat.schedulers import DatabaseScheduler
 
 
-class OneTaskScheduler(DatabaseScheduler):
+class OneTaskScheduler(DatabaseScheduler):  # type: ignore[misc]  # django-celery-beat has no type hints: Any
     def enabled_models_qs(self) -> Any:
         return super().enabled_models_qs().filter(name=os.environ["FRESHCONN_TEST_BEAT_TASK"])

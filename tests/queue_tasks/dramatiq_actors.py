@@ -9,7 +9,7 @@ from tests.queue_tasks import integration_enabled, record, redis_url, setup_djan
 
 setup_django()
 
-broker = RedisBroker(url=redis_url())
+broker = RedisBroker(url=redis_url())  # type: ignore[no-untyped-call]  # dramatiq leaves its __init__ unannotated
 if integration_enabled():
     from freshconn.contrib.dramatiq import FreshconnMiddleware
 

@@ -102,7 +102,8 @@ class Contrast:
         (report,) = collect(self.client, 1, self.worker)
         if "error" not in report:
             self.rows += 1
-        return report.get("error")
+        error: str | None = report.get("error")
+        return error
 
 
 def run_scenario(

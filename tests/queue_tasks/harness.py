@@ -149,7 +149,7 @@ def side_by_side(*workers: WorkerProcess) -> Iterator[tuple[WorkerProcess, ...]]
 
 def collect(client: Any, n: int, worker: WorkerProcess, timeout: float = 60.0, key: str = REPORTS_KEY) -> list[Any]:
     """Wait for ``n`` reports from the worker; fail with its log when they do not come."""
-    reports = []
+    reports: list[Any] = []
     deadline = time.monotonic() + timeout
     while len(reports) < n:
         left = deadline - time.monotonic()
@@ -203,7 +203,8 @@ def assert_recovered_after_idle(before: list[dict[str, Any]], after: list[dict[s
 def row_count() -> int:
     from tests.app.models import Order
 
-    return Order.objects.count()
+    rows: int = Order.objects.count()
+    return rows
 
 
 def session_exists(backend: int) -> bool:

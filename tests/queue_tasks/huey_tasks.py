@@ -14,7 +14,7 @@ def build(url: str, *, integration: bool) -> tuple[Any, Any]:
     """A Huey instance and its ``record`` task; a producer builds the same pair to enqueue."""
     huey = RedisHuey("freshconn-tests", url=url, results=False)
 
-    @huey.task(name="record", retries=0)
+    @huey.task(name="record", retries=0)  # type: ignore[untyped-decorator]  # huey has no type hints
     def record_task(ref: str) -> None:
         record(ref)
 

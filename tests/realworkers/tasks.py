@@ -18,6 +18,6 @@ if framework() == "dramatiq":
 elif framework() == "huey":
     from huey.contrib.djhuey import db_task
 
-    @db_task(name="record", retries=0)
+    @db_task(name="record", retries=0)  # type: ignore[untyped-decorator]  # huey has no type hints
     def record_task(key: str) -> None:
         record(key)

@@ -9,6 +9,7 @@ while the database is down.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -71,7 +72,7 @@ class Command(BaseCommand):
                     break
                 for pk in due:
                     in_flight.add(pk)
-                    pool.submit(send, pk).add_done_callback(lambda f, pk=pk: self.done(f, pk, in_flight))
+                    pool.submit(send, pk).add_done_callback(functools.partial(self.done, pk=pk, in_flight=in_flight))
                 self.sleep(options["every"])
         print("STATS " + json.dumps(freshconn.stats().get("default", {})), flush=True)
         print("TICK-LOOP-STOPPED", flush=True)

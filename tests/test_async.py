@@ -121,7 +121,7 @@ def test_aeach_closed_early_ends_the_current_unit(live: None) -> None:
 
     async def main() -> int:
         # aeach() is declared to return an AsyncIterator, which has no aclose(); it returns an async generator.
-        async with contextlib.aclosing(freshconn.aeach([1, 2, 3])) as items:  # type: ignore[type-var]
+        async with contextlib.aclosing(freshconn.aeach([1, 2, 3])) as items:
             async for item in items:
                 await Order.objects.acreate(ref=f"e{item}")
                 break

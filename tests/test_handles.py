@@ -149,7 +149,7 @@ def test_nested_handles_close_out_of_order_leave_a_clean_stack(live: None) -> No
     outer.close()
     assert _stack_depth() == 0
     # each() is declared to return an Iterator, which has no close(); what it returns is a generator.
-    gen.close()  # type: ignore[attr-defined]  # its handle is already closed: logged, harmless
+    gen.close()  # its handle is already closed: logged, harmless
     with freshconn.unit_of_work():
         assert _stack_depth() == 1
 

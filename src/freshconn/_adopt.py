@@ -42,7 +42,7 @@ def step(conn: BaseDatabaseWrapper) -> None:
     if not cfg.adopt_close_old_connections or not is_server_vendor(conn.vendor):
         type(conn).close_if_unusable_or_obsolete(conn)
         return
-    _lifecycle.boundary(conn, cfg)
+    _lifecycle.boundary(conn)
 
 
 def install(conn: BaseDatabaseWrapper) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -116,7 +116,7 @@ def aunit_of_work(func: Callable[..., Any] | None = None, /, *, using: Using = N
     return AsyncUnitOfWork(using)
 
 
-def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> AsyncIterator[T]:
+def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> AsyncGenerator[T, None]:
     """Yield each item of an async (or plain) iterable inside its own async unit of work.
 
     As with ``each``, the unit begins after the item arrived (time awaiting it counts as idle)
@@ -130,7 +130,7 @@ def aeach(items: AsyncIterable[T] | Iterable[T], using: Using = None) -> AsyncIt
     return _aeach(items, unit)
 
 
-async def _aeach(items: AsyncIterable[T] | Iterable[T], unit: AsyncUnitOfWork) -> AsyncIterator[T]:
+async def _aeach(items: AsyncIterable[T] | Iterable[T], unit: AsyncUnitOfWork) -> AsyncGenerator[T, None]:
     if isinstance(items, AsyncIterable):
         async for item in items:
             async with unit:

@@ -184,9 +184,9 @@ class ChaosPlugin:
                 self._add_hook(conn)
         original = _lifecycle.begin
 
-        def begin(scope: Any, count: bool = True) -> None:
+        def begin(scope: Any, count: bool = True, thread: Any = None) -> None:
             self._at_unit_start(scope)
-            original(scope, count)
+            original(scope, count, thread)
 
         _lifecycle.begin = begin
         here = os.path.dirname(os.path.abspath(__file__))

@@ -15,14 +15,13 @@ from . import _aliases, _outage, _policy, _stats, conf
 from ._aliases import Scope
 from ._errors import failed_alias, interrupted_alias, is_disconnect
 from ._sockets import bounded
-from ._state import STATE_ATTR, ConnState, discard, local, seed, state_of
+from ._state import ConnState, ThreadState, discard, local, seed, state_of, tls
 
 __all__ = ["begin", "boundary", "end"]
 
 logger = logging.getLogger("freshconn")
 
 _monotonic = time.monotonic
-_thread = local()
 _warned_atomic = False
 _next_stats_line = 0.0
 
@@ -88,36 +87,37 @@ def _check(conn: BaseDatabaseWrapper, cfg: conf.Config, now: float) -> None:
     conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
 
 
-def _busy(conn: BaseDatabaseWrapper, now: float) -> bool:
-    """The fast path: recently used, nothing pending on its socket. No round trip, one number compared."""
-    raw = conn.connection
-    state: ConnState | None = getattr(conn, STATE_ATTR, None)
-    return (
-        state is not None
-        and state.raw is raw
-        and now < state.check_at
-        and not conn.errors_occurred
-        and not conn.in_atomic_block
-        # Back-to-back units (microseconds apart) skip even the poll(): nothing the server does in
-        # that window can be on the socket yet (see _policy.SOCKET_CHECK_AFTER).
-        and (now - state.last_used < _policy.SOCKET_CHECK_AFTER or state.poller is None or not state.poller.poll(0))
-    )
-
-
-def begin(scope: Scope, count: bool = True) -> None:
+def begin(scope: Scope, count: bool = True, thread: ThreadState | None = None) -> None:
     """Start-of-unit checks for every open connection in scope, in the current thread."""
     cfg = conf._current or conf.get()
+    if thread is None:
+        thread = tls.ctx
     if count:
-        _stats.count_unit(scope)
-    thread = _thread
+        units = thread.units
+        units[scope] = units.get(scope, 0) + 1
     if thread.seeded != _aliases.generation:
         seed()
     now = _monotonic()
-    for alias, conn in thread.wrappers.items():
-        if conn.connection is None or (scope is not None and alias not in scope):
+    for conn in thread.conns:
+        raw = conn.connection
+        if raw is None or (scope is not None and conn.alias not in scope):
             continue
-        if _busy(conn, now):
-            conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
+        # The busy path: recently used (check_at, see _policy.check_at), nothing pending on its
+        # socket, no round trip. Every registered wrapper has the STATE_ATTR attribute: a plain
+        # read, not getattr() with a default (this loop runs once per unit per open connection).
+        state: ConnState | None = conn._freshconn_state  # type: ignore[attr-defined]
+        if (
+            state is not None
+            and state.raw is raw
+            and now < state.check_at
+            and not conn.errors_occurred
+            and not conn.in_atomic_block
+            # Back-to-back units (microseconds apart) skip even the poll(): nothing the server does in
+            # that window can be on the socket yet (see _policy.SOCKET_CHECK_AFTER).
+            and (now - state.last_used < _policy.SOCKET_CHECK_AFTER or state.poller is None or not state.poller.poll(0))
+        ):
+            if not conn.health_check_done:  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
+                conn.health_check_done = True  # type: ignore[attr-defined]
             continue
         _check(conn, cfg, now)
     if thread.needs_reconnect:
@@ -163,15 +163,17 @@ def _end_one(conn: BaseDatabaseWrapper, now: float, disconnect: bool, interrupte
     return False
 
 
-def end(scope: Scope, exc: BaseException | None) -> None:
+def end(scope: Scope, exc: BaseException | None, thread: ThreadState | None = None) -> None:
     """End-of-unit steps: drop what an error or interruption broke, enforce the lifetime."""
+    if thread is None:
+        thread = tls.ctx
     if exc is None:
         now = _monotonic()
-        for alias, conn in _thread.wrappers.items():
+        for conn in thread.conns:
             raw = conn.connection
-            if raw is None or (scope is not None and alias not in scope) or conn.in_atomic_block:
+            if raw is None or (scope is not None and conn.alias not in scope) or conn.in_atomic_block:
                 continue
-            state: ConnState | None = getattr(conn, STATE_ATTR, None)
+            state: ConnState | None = conn._freshconn_state  # type: ignore[attr-defined]  # see begin()
             if (
                 state is not None
                 and state.raw is raw
@@ -187,7 +189,6 @@ def end(scope: Scope, exc: BaseException | None) -> None:
     disconnect = is_disconnect(exc)
     failed = failed_alias(exc) if disconnect else None
     interrupted = interrupted_alias(exc) if not disconnect else None
-    thread = _thread
     now = _monotonic()
     flagged = False
     for alias, conn in thread.wrappers.items():
@@ -211,31 +212,22 @@ def end(scope: Scope, exc: BaseException | None) -> None:
                 discard(conn, "error")
 
 
-def boundary(conn: BaseDatabaseWrapper, cfg: conf.Config) -> None:
+def boundary(conn: BaseDatabaseWrapper) -> None:
     """An adopted ``close_old_connections()`` for one connection: the end of a unit, then the start of the next."""
-    alias = conn.alias
-    _stats.count_unit(frozenset((alias,)))
-    thread = local()
+    thread = tls.ctx
     thread.adopted = True
     thread.lost = False
     if thread.seeded != _aliases.generation:
         seed()
-    now = _monotonic()
     if conn.connection is not None:
         if conn.in_atomic_block:
             # Django's own step would close it here (autocommit differs) and break the transaction.
-            _stats.bump(alias, "skipped_atomic")
-            _warn_atomic(alias)
+            _stats.count_unit(frozenset((conn.alias,)))
+            _stats.bump(conn.alias, "skipped_atomic")
+            _warn_atomic(conn.alias)
             return
-        _end_one(conn, now, False, False)
-    if conn.connection is not None and not _busy(conn, now):
-        _check(conn, cfg, now)
-    elif conn.connection is not None:
-        conn.health_check_done = True  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
-    if alias in thread.needs_reconnect:
-        _reconnect_pending(frozenset((alias,)), cfg)
-    if cfg.stats_log_interval is not None:
-        _maybe_log_stats(now, cfg.stats_log_interval)
+        _end_one(conn, _monotonic(), False, False)
+    begin(frozenset((conn.alias,)), True, thread)
 
 
 def _maybe_log_stats(now: float, interval: float) -> None:

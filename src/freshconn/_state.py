@@ -161,31 +161,58 @@ class Tracker:
             parent.reported = self.reported
 
 
-class _Thread(threading.local):
+class ThreadState:
     """Per thread: the wrappers it connected, its open units, and what outages took from it.
 
-    Django keeps one wrapper per alias per thread; remembering them here when they connect
-    spares every unit a walk through ``connections`` (an asgiref Local lookup per alias).
+    A plain object reached through one thread-local read (``local()``): the busy path reads several
+    of these fields per unit, and an attribute of a ``threading.local`` costs about ten times a slot.
+    Django keeps one wrapper per alias per thread; remembering them here when they connect spares
+    every unit a walk through ``connections`` (an asgiref Local lookup per alias).
     """
 
-    #: The _aliases.generation at this thread's last seed() (-1: never seeded).
-    seeded = -1
-    async_open = 0
-    #: The thread runs a loop whose close_old_connections() calls freshconn adopted as unit boundaries.
-    adopted = False
-    #: The acting unit already lost a connection: its later connects (Django reconnects in
-    #: Atomic.__exit__, for one) fail fast; the next unit, or the retry, is the one that waits.
-    lost = False
-    #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
-    active: Any = None
+    __slots__ = (
+        "active",
+        "adopted",
+        "async_open",
+        "conns",
+        "ident",
+        "lost",
+        "needs_reconnect",
+        "seeded",
+        "stack",
+        "units",
+        "wrappers",
+    )
 
     def __init__(self) -> None:
+        #: Made in (and only used by) its own thread: a handle compares ThreadStates, not idents.
+        self.ident = threading.get_ident()
         self.wrappers: dict[str, BaseDatabaseWrapper] = {}
+        #: ``wrappers.values()`` as a tuple, for the per-unit loops (a tuple is the cheapest to walk).
+        self.conns: tuple[BaseDatabaseWrapper, ...] = ()
         self.stack: list[Any] = []  # open UnitHandles, outermost first (freshconn._units)
         self.needs_reconnect: set[str] = set()
+        #: The _aliases.generation at this thread's last seed() (-1: never seeded).
+        self.seeded = -1
+        self.async_open = 0
+        #: The thread runs a loop whose close_old_connections() calls freshconn adopted as unit boundaries.
+        self.adopted = False
+        #: The acting unit already lost a connection: its later connects (Django reconnects in
+        #: Atomic.__exit__, for one) fail fast; the next unit, or the retry, is the one that waits.
+        self.lost = False
+        #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
+        self.active: Any = None
+        #: This thread's units per scope (freshconn._stats), counted on the busy path without a call.
+        self.units = _stats.thread_units()
 
 
-_local = _Thread()
+class _TLS(threading.local):
+    def __init__(self) -> None:
+        self.ctx = ThreadState()
+
+
+#: ``tls.ctx`` is the current thread's ThreadState (what ``local()`` returns, one call cheaper).
+tls = _TLS()
 _all_states: weakref.WeakSet[ConnState] = weakref.WeakSet()
 #: Called with each wrapper freshconn starts managing (freshconn._adopt installs its step there).
 on_register: list[Callable[[BaseDatabaseWrapper], None]] = []
@@ -216,8 +243,9 @@ def wire() -> None:
         hook()
 
 
-def local() -> _Thread:
-    return _local
+def local() -> ThreadState:
+    """The current thread's ThreadState."""
+    return tls.ctx
 
 
 def raw_state(alias: str, raw: Any, settings_dict: dict[str, Any], *, read_limit: bool, autocommit: bool) -> ConnState:
@@ -263,7 +291,13 @@ def state_of(conn: BaseDatabaseWrapper) -> ConnState:
 
 def register(conn: BaseDatabaseWrapper) -> None:
     """Manage ``conn``, this thread's wrapper for its alias: registry and hooks."""
-    _local.wrappers[conn.alias] = conn
+    thread = tls.ctx
+    if thread.wrappers.get(conn.alias) is not conn:
+        if not hasattr(conn, STATE_ATTR):
+            # Present on every registered wrapper: the per-unit loops read it as a plain attribute.
+            setattr(conn, STATE_ATTR, None)
+        thread.wrappers[conn.alias] = conn
+        thread.conns = tuple(thread.wrappers.values())
     hook(conn)
 
 
@@ -272,6 +306,9 @@ def hook(conn: BaseDatabaseWrapper) -> None:
     if getattr(conn, _HOOKED_ATTR, False):
         return
     setattr(conn, _HOOKED_ATTR, True)
+    if not hasattr(conn, STATE_ATTR):
+        # Present on every hooked wrapper: the statement hook reads it as a plain attribute.
+        setattr(conn, STATE_ATTR, None)
     # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
     # execute_wrapper() context manager, which pops from the end, never removes it.
     conn.execute_wrappers.insert(0, statement_hook)
@@ -296,7 +333,7 @@ def connect_step(conn: BaseDatabaseWrapper) -> None:
     try:
         type(conn).ensure_connection(conn)
     except Exception as exc:
-        thread = _local
+        thread = tls.ctx
         timeout = (conf._current or conf.get()).reconnect_timeout
         if (
             timeout <= 0
@@ -344,10 +381,12 @@ def seed() -> None:
     hook the wrappers of every server alias, so that even a first connect is patient."""
     from django.db import connections
 
-    _local.seeded = _aliases.generation
-    for alias, wrapper in list(_local.wrappers.items()):
+    thread = tls.ctx
+    thread.seeded = _aliases.generation
+    for alias, wrapper in list(thread.wrappers.items()):
         if _django.thread_wrapper(alias) is not wrapper:
-            del _local.wrappers[alias]  # an alias removed from DATABASES, or a wrapper Django replaced
+            del thread.wrappers[alias]  # an alias removed from DATABASES, or a wrapper Django replaced
+    thread.conns = tuple(thread.wrappers.values())
     for conn in _django.initialized_wrappers():
         if conn.connection is not None and is_server_vendor(conn.vendor):
             state_of(conn)
@@ -405,7 +444,7 @@ def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any
         return  # refused by the server: nothing was applied
     if not is_disconnect(exc):
         return
-    _local.lost = True
+    tls.ctx.lost = True
     if active is None:
         return
     tracker: Tracker = active.record()
@@ -433,13 +472,13 @@ def _commit_lost(
 def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]) -> Any:
     """Django execute wrapper on every managed connection: last use, interruptions, a retrying unit's writes."""
     conn = context["connection"]
-    active = _local.active
+    active = tls.ctx.active
     try:
         result = execute(sql, params, many, context)
     except BaseException as exc:
         _failed(conn, sql, exc, active)
         raise
-    state: ConnState | None = getattr(conn, STATE_ATTR, None)
+    state: ConnState | None = conn._freshconn_state  # STATE_ATTR: set by hook(), a plain read
     if state is not None:
         now = _monotonic()
         state.last_used = now
@@ -464,8 +503,8 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
         result = type(conn)._commit(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
         if is_disconnect(exc):
-            _local.lost = True
-        active = _local.active
+            tls.ctx.lost = True
+        active = tls.ctx.active
         if active is not None and (not is_database_error(exc) or is_disconnect(exc)) and not is_unsent(exc):
             _commit_lost(active.record(), conn, getattr(conn, STATE_ATTR, None), sent_at)
         raise
@@ -514,7 +553,7 @@ def rollback_step(conn: BaseDatabaseWrapper) -> Any:
         return type(conn)._rollback(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
         if is_disconnect(exc):
-            _local.lost = True
+            tls.ctx.lost = True
         raise
 
 
@@ -548,7 +587,7 @@ def discard(conn: BaseDatabaseWrapper, reason: str) -> None:
         (state.driver if state is not None else _drivers.for_connection(raw)).hard_close(raw)
         conn.connection = None
     if reason in OUTAGE_REASONS:
-        _local.needs_reconnect.add(conn.alias)
+        tls.ctx.needs_reconnect.add(conn.alias)
     _stats.bump(conn.alias, "discarded")
     _stats.bump(conn.alias, "discarded_" + reason)
     level = logging.DEBUG if reason == "max_age" else logging.INFO

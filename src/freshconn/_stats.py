@@ -117,6 +117,11 @@ def count_unit(scope: frozenset[str] | None) -> None:
     units[scope] = units.get(scope, 0) + 1
 
 
+def thread_units() -> dict[frozenset[str] | None, int]:
+    """The current thread's units-per-scope counts, for freshconn._state.ThreadState.units."""
+    return _local.counts.units
+
+
 def stats() -> dict[str, dict[str, int]]:
     """A snapshot of the counters: ``{alias: {counter: int}}``, summed over all threads."""
     with _lock:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final, overload
 
 from . import _aliases, _retry
 from ._aliases import Scope, Using
-from ._state import local
+from ._state import tls
 from ._units import UnitHandle, _open, close
 
 if TYPE_CHECKING:
@@ -21,8 +21,6 @@ else:
     def deprecated(message: str) -> Callable[[T], T]:
         return lambda func: func
 
-
-_thread = local()
 
 __all__ = ["UnitOfWork", "Using", "each", "unit_of_work"]
 
@@ -95,7 +93,7 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack = _thread.stack
+        stack = tls.ctx.stack
         # The innermost handle this object opened in this thread (with-blocks nest properly).
         for handle in reversed(stack):
             if handle._owner is self:
@@ -190,7 +188,7 @@ def _close_in_generator(handle: UnitHandle, exc: BaseException | None) -> None:
         logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})
 
 
-def each(iterable: Iterable[T], using: Using = None) -> Iterator[T]:
+def each(iterable: Iterable[T], using: Using = None) -> Generator[T, None, None]:
     """Yield each item of ``iterable`` inside its own unit of work.
 
     The unit begins after the item is fetched (time blocked fetching counts as idle time) and
@@ -204,9 +202,11 @@ def each(iterable: Iterable[T], using: Using = None) -> Iterator[T]:
     return _each(iter(iterable), scope)
 
 
-def _each(items: Iterator[T], scope: Scope) -> Iterator[T]:
+def _each(items: Iterator[T], scope: Scope) -> Generator[T, None, None]:
+    handle = None
     for item in items:
-        handle = _open(scope)
+        # One handle for the whole loop, while each unit closes normally (a busy path with no allocation).
+        handle = _open(scope, None, False, False, True, handle)
         try:
             yield item
         except BaseException as exc:

@@ -17,9 +17,7 @@ from typing import Any
 from . import _aliases, _lifecycle, _state, _stats
 from ._aliases import Scope, Using
 from ._errors import AmbiguousCommitError, chain, commit_alias
-from ._state import LOST_ATTR, STATE_ATTR, ConnState, Tracker, local
-
-_local = local()
+from ._state import LOST_ATTR, STATE_ATTR, ConnState, ThreadState, Tracker, local, tls
 
 __all__ = ["UnitHandle", "close", "in_transaction", "in_unit", "open_unit"]
 
@@ -35,12 +33,13 @@ class UnitHandle:
     ``exc``) when that exception means a COMMIT was lost in flight.
     """
 
-    __slots__ = ("_owner", "_parent", "_thread", "abandoned", "acting", "closed", "scope", "tracker", "tracking")
+    __slots__ = ("_ctx", "_owner", "_parent", "abandoned", "acting", "closed", "scope", "tracker", "tracking")
 
-    def __init__(self, scope: Scope, owner: Any, acting: bool, thread: int) -> None:
+    def __init__(self, scope: Scope, owner: Any, acting: bool, ctx: ThreadState) -> None:
         self.scope = scope
         self._owner = owner
-        self._thread = thread
+        #: The opening thread's ThreadState: "same thread" is one identity test, no get_ident() call.
+        self._ctx = ctx
         self.acting = acting
         self.closed = False
         self.abandoned = False
@@ -49,6 +48,11 @@ class UnitHandle:
         #: What the statement hook saw in this unit; made on first need (most units never need it).
         self.tracker: Tracker | None = None
         self._parent: UnitHandle | None = None
+
+    @property
+    def _thread(self) -> int:
+        """The ident of the thread that opened this unit."""
+        return self._ctx.ident
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -67,36 +71,51 @@ class UnitHandle:
 
 
 def _open(
-    scope: Scope, owner: Any = None, *, tracking: bool = False, acting: bool = False, checks: bool = True
+    scope: Scope,
+    owner: Any = None,
+    tracking: bool = False,
+    acting: bool = False,
+    checks: bool = True,
+    reuse: UnitHandle | None = None,
 ) -> UnitHandle:
-    """Open a unit. ``acting`` forces an acting unit inside another (one attempt of a nested retrying function)."""
-    thread = _local
+    """Open a unit. ``acting`` forces an acting unit inside another (one attempt of a nested retrying function).
+
+    ``reuse``: the handle of the caller's previous unit (``each()``), recycled when it was closed
+    normally in this thread; an abandoned one may still sit on its thread's stack, so never that.
+    """
+    thread = tls.ctx
     stack = thread.stack
     if stack:
         if stack[-1].abandoned:
             _repair()
         if stack and not acting:
-            handle = UnitHandle(scope, owner, False, _get_ident())
+            handle = UnitHandle(scope, owner, False, thread)
             stack.append(handle)
             return handle
     elif thread.async_open and not acting:
-        handle = UnitHandle(scope, owner, False, _get_ident())
+        handle = UnitHandle(scope, owner, False, thread)
         stack.append(handle)
         return handle
     if not _state.wired:
         _state.wire()
-    handle = UnitHandle(scope, owner, True, _get_ident())
+    if reuse is not None and reuse.closed and not reuse.abandoned and reuse._ctx is thread:
+        handle = reuse
+        handle.closed = False
+        handle.acting = True
+        handle.tracker = None
+    else:
+        handle = UnitHandle(scope, owner, True, thread)
     handle.tracking = tracking
-    handle._parent = thread.active
+    parent = handle._parent = thread.active
     stack.append(handle)
     thread.active = handle
     thread.lost = False
     try:
         if checks:
-            _lifecycle.begin(scope, handle._parent is None and not thread.async_open)
+            _lifecycle.begin(scope, parent is None and not thread.async_open, thread)
     except BaseException:
         stack.pop()
-        thread.active = handle._parent
+        thread.active = parent
         handle.closed = True
         raise
     return handle
@@ -113,16 +132,22 @@ def open_unit(using: Using = None) -> UnitHandle:
 
 
 def close(handle: UnitHandle, exc: BaseException | None) -> None:
-    stack = _local.stack
-    if stack and stack[-1] is handle and not handle.closed and handle._thread == _get_ident():
+    thread = tls.ctx
+    stack = thread.stack
+    if handle._ctx is thread and stack and stack[-1] is handle and not handle.closed:
         # The common case: the innermost open unit, closed in its own thread.
         stack.pop()
-        if handle.acting:
-            _finish(handle, exc)
-        else:
+        if not handle.acting:
             handle.closed = True
+        elif exc is None and handle.tracker is None:
+            # _finish() with nothing to merge or report, one call shorter (the busy path).
+            handle.closed = True
+            thread.active = handle._parent
+            _lifecycle.end(handle.scope, None, thread)
+        else:
+            _finish(handle, exc, thread)
         return
-    if handle._thread != _get_ident():
+    if handle._ctx is not thread:
         if not handle.closed and not handle.abandoned:
             handle.abandoned = True
             _stats.bump(_first(handle.scope), "abandoned_units")
@@ -135,20 +160,20 @@ def close(handle: UnitHandle, exc: BaseException | None) -> None:
         raise RuntimeError("this unit of work is already closed")
     while stack[-1] is not handle:
         # Opened after this one and never closed (a generator from each() left unfinished).
-        _finish(stack.pop(), None, quiet=True)
+        _finish(stack.pop(), None, thread, quiet=True)
     stack.pop()
-    _finish(handle, exc)
+    _finish(handle, exc, thread)
 
 
-def _finish(handle: UnitHandle, exc: BaseException | None, *, quiet: bool = False) -> None:
+def _finish(handle: UnitHandle, exc: BaseException | None, thread: ThreadState, quiet: bool = False) -> None:
     handle.closed = True
     if not handle.acting:
         return
     parent = handle._parent
-    _local.active = parent
+    thread.active = parent
     tracker = handle.tracker
     try:
-        _lifecycle.end(handle.scope, exc)
+        _lifecycle.end(handle.scope, exc, thread)
     finally:
         if parent is not None and tracker is not None:
             tracker.merge_into(parent.record())
@@ -161,14 +186,15 @@ def _finish(handle: UnitHandle, exc: BaseException | None, *, quiet: bool = Fals
 
 def _repair() -> None:
     """End, in their own thread, the units another thread tried to close (they are on top of the stack)."""
-    stack = local().stack
+    thread = tls.ctx
+    stack = thread.stack
     while stack and stack[-1].abandoned:
         handle = stack.pop()
         logger.warning(
             "ending a unit of work that another thread tried to close",
             extra={"alias": _first(handle.scope), "reason": "abandoned_unit"},
         )
-        _finish(handle, None, quiet=True)
+        _finish(handle, None, thread, quiet=True)
 
 
 def _first(scope: Scope) -> str:
@@ -195,7 +221,7 @@ def _lost_session(alias: str, tracker: Tracker | None) -> int | None:
     """The server-side id of the session whose COMMIT was lost, when freshconn knows it."""
     if tracker is not None and tracker.commit_in_flight == alias:
         return tracker.commit_backend
-    conn = _local.wrappers.get(alias)
+    conn = tls.ctx.wrappers.get(alias)
     if conn is None:
         return None
     current: ConnState | None = getattr(conn, STATE_ATTR, None)
@@ -242,16 +268,16 @@ def open_async(scope: Scope) -> UnitHandle:
     connection at once (unless a transaction is open on it). Inside a sync unit of that thread
     (``async_to_sync`` called within a unit), an async unit is a no-op.
     """
-    thread = _local
+    thread = tls.ctx
     if thread.stack:
-        return UnitHandle(scope, None, False, _get_ident())
+        return UnitHandle(scope, None, False, thread)
     if not _state.wired:
         _state.wire()
-    handle = UnitHandle(scope, None, True, _get_ident())
+    handle = UnitHandle(scope, None, True, thread)
     thread.async_open += 1
     thread.lost = False
     try:
-        _lifecycle.begin(scope, True)
+        _lifecycle.begin(scope, True, thread)
     except BaseException:
         thread.async_open -= 1
         handle.closed = True
@@ -262,7 +288,8 @@ def open_async(scope: Scope) -> UnitHandle:
 def close_async(handle: UnitHandle, exc: BaseException | None) -> None:
     if handle.closed:
         raise RuntimeError("this unit of work is already closed")
-    if handle._thread != _get_ident():
+    thread = tls.ctx
+    if handle._ctx is not thread:
         raise RuntimeError(
             f"an async unit of work began in thread {handle._thread} and ended in thread {_get_ident()}: "
             "the async ORM's connections moved threads (a thread_sensitive=False executor?)"
@@ -270,8 +297,8 @@ def close_async(handle: UnitHandle, exc: BaseException | None) -> None:
     handle.closed = True
     if not handle.acting:
         return
-    local().async_open -= 1
-    _lifecycle.end(handle.scope, exc)
+    thread.async_open -= 1
+    _lifecycle.end(handle.scope, exc, thread)
     if exc is not None:
         lost = _ambiguous(exc, None)
         if lost is not None:

@@ -6,7 +6,7 @@ Each ``# type: ignore[code]`` below is a misuse that must stay a type error: myp
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
 from typing_extensions import assert_type
@@ -120,7 +120,7 @@ async def use_async() -> None:
         assert_type(item, bytes)
     async for number in freshconn.aeach([1, 2], using="default"):
         assert_type(number, int)
-    assert_type(freshconn.aeach(aitems()), AsyncIterator[bytes])
+    assert_type(freshconn.aeach(aitems()), AsyncGenerator[bytes, None])
 
 
 assert_type(freshconn.aunit_of_work(), AsyncUnitOfWork)
@@ -139,6 +139,6 @@ for message in freshconn.each(["a", "b"]):
     assert_type(message, str)
 for key in freshconn.each({b"k": 1}, using="default"):
     assert_type(key, bytes)
-assert_type(freshconn.each(iter([1.0])), Iterator[float])
+assert_type(freshconn.each(iter([1.0])), Generator[float, None, None])
 freshconn.each(3)  # type: ignore[arg-type]
 freshconn.each(aitems())  # type: ignore[arg-type]

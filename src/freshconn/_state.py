@@ -293,9 +293,6 @@ def register(conn: BaseDatabaseWrapper) -> None:
     """Manage ``conn``, this thread's wrapper for its alias: registry and hooks."""
     thread = tls.ctx
     if thread.wrappers.get(conn.alias) is not conn:
-        if not hasattr(conn, STATE_ATTR):
-            # Present on every registered wrapper: the per-unit loops read it as a plain attribute.
-            setattr(conn, STATE_ATTR, None)
         thread.wrappers[conn.alias] = conn
         thread.conns = tuple(thread.wrappers.values())
     hook(conn)
@@ -307,7 +304,8 @@ def hook(conn: BaseDatabaseWrapper) -> None:
         return
     setattr(conn, _HOOKED_ATTR, True)
     if not hasattr(conn, STATE_ATTR):
-        # Present on every hooked wrapper: the statement hook reads it as a plain attribute.
+        # Present on every hooked (so every registered) wrapper: the statement hook and the
+        # per-unit loops read it as a plain attribute, not with getattr() and a default.
         setattr(conn, STATE_ATTR, None)
     # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
     # execute_wrapper() context manager, which pops from the end, never removes it.

@@ -137,15 +137,7 @@ def close(handle: UnitHandle, exc: BaseException | None) -> None:
     if handle._ctx is thread and stack and stack[-1] is handle and not handle.closed:
         # The common case: the innermost open unit, closed in its own thread.
         stack.pop()
-        if not handle.acting:
-            handle.closed = True
-        elif exc is None and handle.tracker is None:
-            # _finish() with nothing to merge or report, one call shorter (the busy path).
-            handle.closed = True
-            thread.active = handle._parent
-            _lifecycle.end(handle.scope, None, thread)
-        else:
-            _finish(handle, exc, thread)
+        _finish(handle, exc, thread)
         return
     if handle._ctx is not thread:
         if not handle.closed and not handle.abandoned:

@@ -264,6 +264,10 @@ def between_queries(run: Run) -> Iterator[None]:
     docs/adoption.md). A short pause lets any query already sent complete before the fault.
     """
     pgid = run.worker.proc.pid if run.worker.proc is not None else 0
+    # Right after a burst of tasks the loop has not reached its idle wait yet (it does not sleep
+    # between tasks, and a loaded machine slows it): freezing it then would often land between its
+    # own close_old_connections() and its next query. Let it settle into its polling rhythm first.
+    time.sleep(0.3)
     os.killpg(pgid, signal.SIGSTOP)
     try:
         time.sleep(0.3)

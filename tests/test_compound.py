@@ -84,6 +84,23 @@ class Hold:
                 pass  # the server restarted meanwhile: the lock died with it
 
 
+_pending: list[threading.Timer] = []
+
+
+def after(seconds: float, action: Callable[[], None]) -> None:
+    """Runs ``action`` in ``seconds``; the test joins it (join_pending) before its fixtures stop anything."""
+    timer = threading.Timer(seconds, action)
+    _pending.append(timer)
+    timer.start()
+
+
+def join_pending() -> None:
+    # A unit may raise before the fault's follow-up (a proxy or server coming back) has run; the
+    # fixture's teardown must not stop that proxy or server while the follow-up is starting it.
+    while _pending:
+        _pending.pop().join()
+
+
 def _state_sql(session: int) -> str:
     if VENDOR == "mysql":
         return (
@@ -142,6 +159,7 @@ def run_lost_commit(
         for w in watchers:
             w.join()
         hold.release()
+        join_pending()
     assert watchers[0].fired
     return err.value, len(calls)
 
@@ -195,7 +213,7 @@ def test_commit_lost_to_a_proxy_cut_with_reconnect_refused_is_ambiguous(proxied:
 
     def cut() -> None:
         proxied.down()
-        threading.Timer(1.5, proxied.up).start()
+        after(1.5, proxied.up)
 
     exc, attempts = run_lost_commit(server, db, cut, "cut")
     # The error that surfaced is the refused reconnect; the lost COMMIT is in its context.
@@ -217,7 +235,7 @@ def test_commit_lost_to_a_server_restart_is_ambiguous(live: None, server: DBServ
             server.crash()
         else:
             server.down()
-        threading.Timer(2.0, server.up).start()
+        after(2.0, server.up)
 
     with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 20}):
         exc, attempts = run_lost_commit(server, db, restart, "restart")
@@ -262,7 +280,7 @@ def test_commit_lost_to_a_black_hole_is_ambiguous(
         net.drop(srv.port)
         # The client gives up on the COMMIT's reply (read_timeout / keepalives) before the server
         # sends it; the path comes back after that, so the server then learns the client is gone.
-        threading.Timer(7.0, net.restore).start()
+        after(7.0, net.restore)
 
     with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 30}):
         exc, attempts = run_lost_commit(srv, "freshconn", black_hole, "hole", hold_for=6.0)
@@ -279,7 +297,7 @@ def test_commit_lost_inside_each_surfaces_as_ambiguous(proxied: HAProxy, server:
 
     def cut() -> None:
         proxied.down()
-        threading.Timer(1.5, proxied.up).start()
+        after(1.5, proxied.up)
 
     @freshconn.unit_of_work(retries=3)
     def handle(ref: str) -> None:
@@ -300,6 +318,7 @@ def test_commit_lost_inside_each_surfaces_as_ambiguous(proxied: HAProxy, server:
         for w in watchers:
             w.join()
         hold.release()
+        join_pending()
     assert seen == ["each-1"]
     assert err.value.wait_until_settled(30.0)
     assert rows(server, db, "each-1") == 1

@@ -146,3 +146,91 @@ def test_close_thread_connections_closes_only_this_threads(live: None) -> None:
     t.join()
     assert done.is_set()
     assert connection.connection is mine
+
+
+def test_garbage_collected_pool_closes_its_threads_connections(live: None, server: DBServer) -> None:
+    """A pool dropped without shutdown(): its threads stop when it is collected and close their connections."""
+    import gc
+
+    before = baseline(server)
+    pool = freshconn.ThreadPoolExecutor(max_workers=3)
+    idents = {ident for ident, _ in pool.map(query, range(30))}
+    threads = [t for t in threading.enumerate() if t.ident in idents]
+    assert app_connections(server) == before + len(idents)
+    del pool
+    gc.collect()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert settle(server, before) == before
+
+
+def test_failing_initializer_closes_the_connection_it_opened(live: None, server: DBServer) -> None:
+    """An initializer that queries then raises breaks the pool (as the stdlib does) and leaves no connection open."""
+    before = baseline(server)
+    started = []
+
+    def init(tag: str) -> None:
+        started.append(tag)
+        query(0)
+        raise RuntimeError("init failed")
+
+    pool = freshconn.ThreadPoolExecutor(max_workers=1, initializer=init, initargs=("x",))
+    with pytest.raises(concurrent.futures.BrokenExecutor):
+        pool.submit(query, 1).result(timeout=10)
+    pool.shutdown(wait=True)
+    assert started == ["x"]
+    assert settle(server, before) == before
+    assert counters()["units"] == 0
+
+
+def test_non_callable_initializer_is_refused_like_the_stdlib() -> None:
+    """initializer= must be callable: the same TypeError as concurrent.futures, before any thread starts."""
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        freshconn.ThreadPoolExecutor(initializer="setup")  # type: ignore[arg-type]
+
+
+def test_shutdown_from_inside_a_task_with_cancel_futures_keeps_that_task_s_connection(
+    live: None, server: DBServer
+) -> None:
+    """A task that cancels its own pool's pending work keeps its connection until its unit ends; then all are closed."""
+    before = baseline(server)
+    gate = threading.Event()
+    pool = freshconn.ThreadPoolExecutor(max_workers=1)
+    seen: list[int] = []
+
+    def stopper() -> int:
+        query(0)
+        mine = connection.connection
+        gate.wait(10)
+        pool.shutdown(wait=False, cancel_futures=True)
+        # The queue was drained in this thread, sentinel included: that did not close this connection.
+        assert connection.connection is mine
+        return query(5)[1]
+
+    first = pool.submit(stopper)
+    pending = [pool.submit(seen.append, i) for i in range(5)]
+    pool.shutdown(wait=False)  # its stop sentinel now waits behind the pending tasks, for stopper() to drain
+    gate.set()
+    assert first.result(timeout=10) == 5
+    assert all(f.cancelled() for f in pending)
+    assert seen == []
+    pool.shutdown(wait=True)
+    assert settle(server, before) == before
+
+
+def test_shutdown_without_waiting_still_closes_every_thread_connection(live: None, server: DBServer) -> None:
+    """shutdown(wait=False) returns at once; each thread closes its connection after its last task."""
+    before = baseline(server)
+    release = threading.Event()
+    pool = freshconn.ThreadPoolExecutor(max_workers=2)
+
+    def slow(i: int) -> int:
+        release.wait(10)
+        return query(i)[1]
+
+    futures = [pool.submit(slow, i) for i in range(4)]
+    pool.shutdown(wait=False)
+    release.set()
+    assert [f.result(timeout=10) for f in futures] == [0, 1, 2, 3]
+    assert settle(server, before) == before

@@ -66,9 +66,11 @@ def set_autocommit(raw: Any) -> None:
 
 def _fileno_of(raw: Any) -> int | None:
     try:
-        return int(raw.fileno())
+        fd = int(raw.fileno())
     except Exception:  # noqa: BLE001 - each driver raises its own class; any means no socket
         return None
+    # A closed Python socket reports -1 rather than raising; poll() would skip it as "no events".
+    return fd if fd >= 0 else None
 
 
 def _positive(seconds: float | None) -> float | None:
@@ -112,12 +114,7 @@ class PyMySQL(_MySQLBase):
 
     def fileno(self, raw: Any) -> int | None:
         sock = getattr(raw, "_sock", None)
-        if sock is None:
-            return None
-        try:
-            return int(sock.fileno())
-        except OSError:
-            return None
+        return None if sock is None else _fileno_of(sock)
 
     def closed(self, raw: Any) -> bool:
         # PyMySQL drops its socket after any network error, so ``open`` is reliable here.
@@ -140,16 +137,12 @@ class MySQLConnector(_MySQLBase):
 
     def fileno(self, raw: Any) -> int | None:
         sock = getattr(getattr(raw, "_socket", None), "sock", None)
-        if sock is None:
-            return None
-        try:
-            return int(sock.fileno())
-        except OSError:
-            return None
+        return None if sock is None else _fileno_of(sock)
 
     def closed(self, raw: Any) -> bool:
-        # close() and a failed connect drop the socket object; is_connected() would be a round trip.
-        return getattr(raw, "_socket", None) is None
+        # A failed connect leaves no socket object; close() keeps it but closes the socket inside
+        # it (its fileno() is then -1). is_connected() would be a round trip.
+        return self.fileno(raw) is None
 
     def ping(self, raw: Any) -> None:
         # reconnect=False: a driver-level reconnect would skip Django's session setup.

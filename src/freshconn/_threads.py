@@ -3,17 +3,16 @@
 Django keeps one connection per alias per thread, and nothing closes the connections of a pool's
 worker threads: a plain ``concurrent.futures.ThreadPoolExecutor`` leaves one open connection per
 thread until the process exits. A connection can only be closed safely by the thread that owns it,
-so this pool runs every worker thread's loop inside a wrapper that closes that thread's connections
-when the loop ends (pool shutdown, the executor garbage-collected, or interpreter exit).
+so each worker thread of this pool closes its own connections as its loop ends (pool shutdown,
+the executor garbage-collected, or interpreter exit), through the pool's work queue (_ClosingQueue).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import concurrent.futures.thread as _stdlib
 import logging
+import queue
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -27,10 +26,6 @@ logger = logging.getLogger("freshconn")
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# Python 3.14 gave the pool a per-thread WorkerContext with a finalize() hook; 3.10-3.13 run a
-# bare ``_worker(executor_ref, work_queue, initializer, initargs)`` loop with no hook at all.
-_HAS_WORKER_CONTEXT = hasattr(_stdlib, "WorkerContext")
 
 
 def close_thread_connections() -> None:
@@ -58,12 +53,57 @@ def close_thread_connections() -> None:
             conn.connection = None
 
 
-def _run_worker(*args: Any) -> None:
-    """The stdlib worker loop (3.10-3.13), then this thread's connections closed, whatever happened."""
+class _ClosingQueue(queue.SimpleQueue[Any]):
+    """The pool's work queue: a worker thread that takes the pool's stop sentinel closes its connections.
+
+    The stdlib gives its worker loop no end-of-thread hook before Python 3.14 (and a different one
+    there), but on every version from 3.10 the loop ends the same way: it takes ``None`` from
+    ``executor._work_queue`` (put there by ``shutdown()``, by the executor's garbage collection
+    and at interpreter exit) and returns. Taking that ``None`` is the last thing the thread does
+    as a worker, in the worker thread itself: the one moment its connections can be closed safely.
+    """
+
+    def __init__(self) -> None:
+        # Idents of this pool's worker threads that have not stopped yet (set by _start_worker).
+        self.workers: set[int] = set()
+        # shutdown(cancel_futures=True) drains the queue in the calling thread, which may be one of
+        # the pool's own workers inside a task: a sentinel drained there is not that thread's stop.
+        self.draining = threading.local()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        item = super().get(block, timeout)
+        if item is None:
+            self._stopping()
+        return item
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        if item is None:
+            self._stopping()
+        return item
+
+    def _stopping(self) -> None:
+        ident = threading.get_ident()
+        if ident in self.workers and not getattr(self.draining, "active", False):
+            self.workers.discard(ident)
+            close_thread_connections()
+
+
+def _start_worker(
+    work_queue: _ClosingQueue, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+) -> None:
+    """Every worker thread's first code (the stdlib runs it as the pool's initializer)."""
+    ident = threading.get_ident()
+    work_queue.workers.add(ident)
+    if initializer is None:
+        return
     try:
-        _stdlib._worker(*args)
-    finally:
+        initializer(*initargs)
+    except BaseException:
+        # The stdlib marks the pool broken and ends this thread without taking a sentinel.
+        work_queue.workers.discard(ident)
         close_thread_connections()
+        raise
 
 
 def _run_in_unit(unit: UnitOfWork, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
@@ -90,52 +130,21 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
         *,
         using: Using = None,
     ) -> None:
-        super().__init__(max_workers, thread_name_prefix, initializer, initargs)
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        work_queue = _ClosingQueue()
+        super().__init__(max_workers, thread_name_prefix, _start_worker, (work_queue, initializer, initargs))
+        # Replaced before any thread exists: threads are started by submit() and take this queue.
+        self._work_queue = self._freshconn_queue = work_queue
         self._freshconn_unit = UnitOfWork(using)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         return super().submit(_run_in_unit, self._freshconn_unit, fn, args, kwargs)
 
-    if _HAS_WORKER_CONTEXT:  # pragma: no cover - Python >= 3.14
-
-        @classmethod
-        def prepare_context(cls, initializer: Any, initargs: Any) -> Any:
-            return _ClosingContext.prepare(initializer, initargs)
-
-    else:
-
-        def _adjust_thread_count(self) -> None:
-            # Same as the stdlib's (identical in 3.10-3.13) but with our loop as the thread target:
-            # that loop is the only code that runs in the worker thread after its last task.
-            if self._idle_semaphore.acquire(timeout=0):
-                return
-
-            def weakref_cb(_: Any, q: Any = self._work_queue) -> None:
-                q.put(None)
-
-            num_threads = len(self._threads)
-            if num_threads < self._max_workers:
-                thread_name = f"{self._thread_name_prefix or self}_{num_threads}"
-                t = threading.Thread(
-                    name=thread_name,
-                    target=_run_worker,
-                    args=(
-                        weakref.ref(self, weakref_cb),
-                        self._work_queue,
-                        self._initializer,
-                        self._initargs,
-                    ),
-                )
-                t.start()
-                self._threads.add(t)  # type: ignore[attr-defined]  # a set
-                _stdlib._threads_queues[t] = self._work_queue  # type: ignore[index]  # a WeakKeyDictionary
-
-
-if _HAS_WORKER_CONTEXT:  # pragma: no cover - Python >= 3.14
-
-    class _ClosingContext(_stdlib.WorkerContext):  # type: ignore[name-defined,misc]
-        def finalize(self) -> None:
-            try:
-                super().finalize()
-            finally:
-                close_thread_connections()
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        draining = self._freshconn_queue.draining
+        draining.active = True
+        try:
+            super().shutdown(wait, cancel_futures=cancel_futures)
+        finally:
+            draining.active = False

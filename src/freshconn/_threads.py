@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 from django.db import connections
 
 from ._unit import UnitOfWork, Using
+from ._units import in_unit
 
 __all__ = ["ThreadPoolExecutor", "close_thread_connections"]
 
@@ -66,27 +67,22 @@ class _ClosingQueue(queue.SimpleQueue[Any]):
     def __init__(self) -> None:
         # Idents of this pool's worker threads that have not stopped yet (set by _start_worker).
         self.workers: set[int] = set()
-        # shutdown(cancel_futures=True) drains the queue in the calling thread, which may be one of
-        # the pool's own workers inside a task: a sentinel drained there is not that thread's stop.
-        self.draining = threading.local()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         item = super().get(block, timeout)
-        if item is None:
-            self._stopping()
+        # shutdown(cancel_futures=True) drains the queue in the calling thread, which may be one of
+        # the pool's own workers inside a task (so inside its unit): a sentinel drained there is
+        # not that thread's stop.
+        if item is None and not in_unit():
+            ident = threading.get_ident()
+            if ident in self.workers:
+                self.workers.discard(ident)
+                close_thread_connections()
         return item
 
     def get_nowait(self) -> Any:
-        item = super().get_nowait()
-        if item is None:
-            self._stopping()
-        return item
-
-    def _stopping(self) -> None:
-        ident = threading.get_ident()
-        if ident in self.workers and not getattr(self.draining, "active", False):
-            self.workers.discard(ident)
-            close_thread_connections()
+        # The C get_nowait() does not go through get(): route it there.
+        return self.get(False)
 
 
 def _start_worker(
@@ -135,16 +131,8 @@ class ThreadPoolExecutor(concurrent.futures.ThreadPoolExecutor):
         work_queue = _ClosingQueue()
         super().__init__(max_workers, thread_name_prefix, _start_worker, (work_queue, initializer, initargs))
         # Replaced before any thread exists: threads are started by submit() and take this queue.
-        self._work_queue = self._freshconn_queue = work_queue
+        self._work_queue = work_queue
         self._freshconn_unit = UnitOfWork(using)
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         return super().submit(_run_in_unit, self._freshconn_unit, fn, args, kwargs)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        draining = self._freshconn_queue.draining
-        draining.active = True
-        try:
-            super().shutdown(wait, cancel_futures=cancel_futures)
-        finally:
-            draining.active = False

@@ -254,21 +254,74 @@ def kill_every_app_session(server: Any) -> int:
     return len(victims)
 
 
+def _group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # it just ended
+            # The fields after the command's closing parenthesis: state, ppid, pgrp...
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                members.append(int(entry))
+    return members
+
+
+def _parked(pgid: int) -> bool | None:
+    """Whether every thread of the frozen group was stopped inside a system call (a sleep, a read, a lock wait).
+
+    A thread stopped in user space was running Python code: possibly between its loop's
+    close_old_connections() and the query that follows, the window where no boundary can help.
+    None while the stop has not reached every thread yet.
+    """
+    for pid in _group(pgid):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                syscall = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            except OSError:
+                continue
+            if state in ("Z", "X"):
+                continue
+            if state != "T":
+                return None
+            if not syscall or syscall[0] in ("-1", "running"):
+                return False
+    return True
+
+
 @contextlib.contextmanager
 def between_queries(run: Run) -> Iterator[None]:
     """Freeze the worker's processes (SIGSTOP) so that a fault strikes between their queries, never during one.
 
     A loop that polls its queue in the database (db_worker, Django-Q2's pusher) always has a query
-    about to run: a fault that strikes while one is in flight fails that query in the framework's
-    own code, where no boundary can help (a task in flight is at-least-once territory, see
-    docs/adoption.md). A short pause lets any query already sent complete before the fault.
+    about to run: a fault that strikes while one is in flight, or between the loop's own
+    close_old_connections() and its query, fails that query in the framework's own code, where no
+    boundary can help (a task in flight is at-least-once territory, see docs/adoption.md). So the
+    freeze is retried until every thread of the worker is parked in a system call (its poll sleep,
+    a queue read), and a short pause lets a query already sent complete before the fault.
     """
     pgid = run.worker.proc.pid if run.worker.proc is not None else 0
     # Right after a burst of tasks the loop has not reached its idle wait yet (it does not sleep
-    # between tasks, and a loaded machine slows it): freezing it then would often land between its
-    # own close_old_connections() and its next query. Let it settle into its polling rhythm first.
+    # between tasks, and a loaded machine slows it): let it settle into its polling rhythm first.
     time.sleep(0.3)
-    os.killpg(pgid, signal.SIGSTOP)
+    for attempt in range(100):
+        os.killpg(pgid, signal.SIGSTOP)
+        settle = time.monotonic() + 1.0
+        while (parked := _parked(pgid)) is None and time.monotonic() < settle:
+            time.sleep(0.005)
+        if parked:
+            break
+        os.killpg(pgid, signal.SIGCONT)
+        time.sleep(0.01 + 0.007 * (attempt % 5))  # another moment of its rhythm
+    else:
+        os.killpg(pgid, signal.SIGSTOP)  # never parked in 100 tries: freeze anyway (the test may then fail)
     try:
         time.sleep(0.3)
         yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -238,3 +240,67 @@ def test_black_hole_shorter_than_reconnect_timeout_is_ridden_through(
             assert c["reconnect_attempts"] >= 2
     finally:
         worker.finish()
+
+
+def _stop_while_waiting(dbconf: Callable[..., None], sig: int, expected: type[BaseException], rounds: int) -> None:
+    """Run ``rounds`` units against a closed port in the main thread; another thread signals each wait."""
+    from testbed.servers import free_port
+
+    from freshconn import _outage
+
+    dbconf(PORT=str(free_port()), OPTIONS={"connect_timeout": 3})
+    failures: list[str] = []
+
+    def signal_when_waiting(round_no: int) -> None:
+        deadline = time.monotonic() + 10
+        while counters().get("reconnect_waits", 0) <= round_no and time.monotonic() < deadline:
+            time.sleep(0.002)
+        # Land the signals at different points of the wait (its sleep, its checks, a notify).
+        time.sleep((round_no % 7) * 0.003)
+        if _outage._cond._waiters:  # type: ignore[attr-defined]
+            failures.append("the main thread sleeps inside the shared condition")
+        os.kill(os.getpid(), sig)
+
+    def lock_is_free(round_no: int) -> None:
+        if _outage._cond.acquire(timeout=2):
+            _outage._cond.release()
+        else:
+            failures.append(f"round {round_no}: the lock stayed held")
+
+    with override_settings(FRESHCONN={"RECONNECT_TIMEOUT": 30.0}):
+        for round_no in range(rounds):
+            _outage.reset()
+            signaller = threading.Thread(target=signal_when_waiting, args=(round_no,))
+            signaller.start()
+            try:
+                with pytest.raises(expected):
+                    unit_select()
+            finally:
+                signaller.join()
+            # The lock is free for every other thread, whatever the signal interrupted.
+            probe = threading.Thread(target=lock_is_free, args=(round_no,))
+            probe.start()
+            probe.join()
+            connection.close()
+    _outage.reset()
+    assert failures == []
+
+
+def test_sigterm_ends_the_main_threads_wait_every_time(dbconf: Callable[..., None]) -> None:
+    """A SIGTERM, whenever it lands in the main thread's wait for a server, ends it with ReconnectStopped."""
+    stops: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+    try:
+        _stop_while_waiting(dbconf, signal.SIGTERM, freshconn.ReconnectStopped, rounds=12)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(stops) == 12  # the program's own handler ran for each
+
+
+def test_a_raising_sigint_handler_leaves_the_wait_clean(dbconf: Callable[..., None]) -> None:
+    """The default SIGINT handler's KeyboardInterrupt leaves the wait cleanly, lock free, however often it lands."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_while_waiting(dbconf, signal.SIGINT, KeyboardInterrupt, rounds=12)
+    finally:
+        signal.signal(signal.SIGINT, previous)

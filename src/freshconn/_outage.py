@@ -53,11 +53,16 @@ class _Gate:
         self.warned = False
 
 
-# Reentrant, so that a signal handler running in a thread that holds it can still notify.
+# Reentrant, so that request_stop() called from a signal handler in a thread that holds it can notify.
 _cond = threading.Condition(threading.RLock())
 _gates: dict[str, _Gate] = {}
-_stop = threading.Event()
-_main_waiting = False
+# A plain flag, not an Event: a signal handler sets it, and Event.set() takes a lock the interrupted
+# main thread may be holding. Written once per stop, read without the lock (a bool, under the GIL).
+_stopping = False
+#: Bumped at every notify, so that the main thread (which never sleeps in _cond.wait) sees news.
+_news = 0
+#: How long the main thread sleeps at a time while it waits (it rechecks the stop flag and the news).
+_MAIN_SLICE = 0.05
 
 
 def _after_fork_in_child() -> None:
@@ -70,26 +75,29 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(before=_cond.acquire, after_in_parent=_cond.release, after_in_child=_after_fork_in_child)
 
 
-class _Interrupted(BaseException):
-    """Raised by the chained signal handler to end the main thread's wait (never escapes this module)."""
+def _notify() -> None:
+    """Under the lock: wake every waiting thread (the main thread sees ``_news`` change)."""
+    global _news
+    _news += 1
+    _cond.notify_all()
 
 
 def request_stop() -> None:
     """Every wait for a server, in every thread, ends now (with ReconnectStopped): the process is stopping."""
-    _stop.set()
+    global _stopping
+    _stopping = True
     with _cond:
-        _cond.notify_all()
+        _notify()
 
 
 def clear_stop() -> None:
-    _stop.clear()
+    global _stopping
+    _stopping = False
 
 
 def reset() -> None:
     """Forget outages and stop requests (tests; a process that chose to carry on)."""
-    global _main_waiting
-    _stop.clear()
-    _main_waiting = False
+    clear_stop()
     with _cond:
         _gates.clear()
 
@@ -123,7 +131,7 @@ def _failed(alias: str, exc: BaseException) -> None:
         gate.next_try = now + _policy.reconnect_pause(gate.attempts, random.random())
         first = not gate.warned
         gate.warned = True
-        _cond.notify_all()
+        _notify()
     if first:
         logger.warning(
             "database %r is unreachable (%s): units wait for it to come back, up to "
@@ -143,7 +151,7 @@ def _succeeded(alias: str) -> None:
         fresh = _Gate()
         fresh.state, fresh.up_since = _UP, time.monotonic()
         _gates[alias] = fresh
-        _cond.notify_all()
+        _notify()
     if was_down:
         logger.info(
             "database %r is reachable again after %.1fs (%d failed attempts)",
@@ -160,7 +168,7 @@ def _give_back(alias: str) -> None:
         gate = _gates.get(alias)
         if gate is not None and gate.state == _PROBING:
             del _gates[alias]
-        _cond.notify_all()
+        _notify()
 
 
 @contextlib.contextmanager
@@ -176,12 +184,19 @@ def _stop_signals() -> Iterator[None]:
             continue  # SIG_DFL ends the process at once anyway; SIG_IGN means "not a stop signal here"
 
         def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            # Only a flag: the main thread sleeps in short slices holding no lock and rechecks it. Raising
+            # here (as an earlier version did) could land inside Condition.wait() between its release and
+            # its try block, leaving the lock released under a `with` that then fails to release it.
+            global _stopping
             previous(signum, frame)  # the program's own handler first: it may raise (KeyboardInterrupt...)
-            _stop.set()
-            if _main_waiting:
-                raise _Interrupted
-            with _cond:
-                _cond.notify_all()
+            _stopping = True
+            # Other threads' waits end too, unless a thread holds the lock right now (never block in a
+            # handler): that one rechecks the flag at its next turn.
+            if _cond.acquire(blocking=False):
+                try:
+                    _notify()
+                finally:
+                    _cond.release()
 
         try:
             signal.signal(sig, chained)
@@ -197,18 +212,22 @@ def _stop_signals() -> Iterator[None]:
 
 
 def _wait(seconds: float) -> None:
-    global _main_waiting
-    main = threading.current_thread() is threading.main_thread()
-    with _cond:
-        try:
-            _main_waiting = main
-            if not _stop.is_set():
+    """Wait up to ``seconds`` for news about a gate or a stop request."""
+    if threading.current_thread() is not threading.main_thread():
+        with _cond:
+            if not _stopping:
                 _cond.wait(seconds)
-        except _Interrupted:
-            pass
-        finally:
-            if main:
-                _main_waiting = False
+        return
+    # The main thread runs signal handlers, which may raise (KeyboardInterrupt, a task time limit):
+    # an exception raised inside Condition.wait() at the wrong bytecode leaves the lock in a state
+    # the `with` cannot undo. time.sleep() holds nothing, and an exception leaves it cleanly.
+    seen = _news
+    end = time.monotonic() + seconds
+    while not _stopping and _news == seen:
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, _MAIN_SLICE))
 
 
 def connect_patiently(conn: BaseDatabaseWrapper, timeout: float, failed: BaseException | None = None) -> None:
@@ -228,7 +247,7 @@ def connect_patiently(conn: BaseDatabaseWrapper, timeout: float, failed: BaseExc
         _failed(alias, failed)
     with _stop_signals():
         while True:
-            if _stop.is_set():
+            if _stopping:
                 raise ReconnectStopped(
                     f"stopped waiting for database {alias!r} to come back: the process is stopping"
                 ) from last

@@ -36,7 +36,7 @@ def producer(redis_server: Any) -> Iterator[RedisBroker]:
     try:
         yield broker
     finally:
-        broker.close()
+        broker.client.connection_pool.disconnect()  # RedisBroker.close() leaves its client's socket open
 
 
 def send(producer: RedisBroker, *refs: str) -> None:

@@ -33,6 +33,7 @@ from django.apps import apps as django_apps
 from django.conf import settings
 from django.db import connections
 from django.test import override_settings
+from testbed.freeze import frozen_between_queries
 from testbed.servers import DBServer
 
 from tests.app.models import Order
@@ -254,64 +255,6 @@ def kill_every_app_session(server: Any) -> int:
     return len(victims)
 
 
-def _group(pgid: int) -> list[int]:
-    """The processes of process group ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue  # it just ended
-            # The fields after the command's closing parenthesis: state, ppid, pgrp...
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-                members.append(int(entry))
-    return members
-
-
-def _parked(pgid: int) -> bool | None:
-    """Whether every thread of the frozen group was stopped inside a system call (a sleep, a read, a lock wait).
-
-    A thread stopped in user space was running Python code: possibly between its loop's
-    close_old_connections() and the query that follows, the window where no boundary can help.
-    None while the stop has not reached every thread yet.
-    """
-    for pid in _group(pgid):
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                syscall = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
-            except OSError:
-                continue
-            if state in ("Z", "X"):
-                continue
-            if state != "T":
-                return None
-            if not _waiting(syscall):
-                return False
-    return True
-
-
-#: x86_64 system calls that wait (a sleep, a lock, a pipe or socket read, a child); a thread stopped
-#: right after a call that does something (a write, a send, a poll(0) check) is not between queries.
-_WAITING_CALLS = {0, 7, 23, 35, 45, 47, 61, 202, 230, 232, 247, 270, 271, 281}
-
-
-def _waiting(syscall: list[str]) -> bool:
-    if not syscall or syscall[0] in ("-1", "running"):
-        return False  # stopped in user space: running Python code
-    if os.uname().machine != "x86_64":
-        return True  # the numbers differ; any system call will do
-    number = int(syscall[0])
-    if number == 7 and int(syscall[3], 16) == 0:
-        return False  # poll() with no timeout: a check, not a wait
-    return number in _WAITING_CALLS
-
-
 @contextlib.contextmanager
 def between_queries(run: Run) -> Iterator[None]:
     """Freeze the worker's processes (SIGSTOP) so that a fault strikes between their queries, never during one.
@@ -320,29 +263,16 @@ def between_queries(run: Run) -> Iterator[None]:
     about to run: a fault that strikes while one is in flight, or between the loop's own
     close_old_connections() and its query, fails that query in the framework's own code, where no
     boundary can help (a task in flight is at-least-once territory, see docs/adoption.md). So the
-    freeze is retried until every thread of the worker is parked in a system call (its poll sleep,
-    a queue read), and a short pause lets a query already sent complete before the fault.
+    freeze waits for a moment when no thread of the worker is running code or talking to its
+    database (testbed.freeze), and a short pause lets the server finish before the fault.
     """
     pgid = run.worker.proc.pid if run.worker.proc is not None else 0
     # Right after a burst of tasks the loop has not reached its idle wait yet (it does not sleep
     # between tasks, and a loaded machine slows it): let it settle into its polling rhythm first.
     time.sleep(0.3)
-    for attempt in range(100):
-        os.killpg(pgid, signal.SIGSTOP)
-        settle = time.monotonic() + 1.0
-        while (parked := _parked(pgid)) is None and time.monotonic() < settle:
-            time.sleep(0.005)
-        if parked:
-            break
-        os.killpg(pgid, signal.SIGCONT)
-        time.sleep(0.01 + 0.007 * (attempt % 5))  # another moment of its rhythm
-    else:
-        os.killpg(pgid, signal.SIGSTOP)  # never parked in 100 tries: freeze anyway (the test may then fail)
-    try:
+    with frozen_between_queries(pgid, int(connections["default"].settings_dict["PORT"])):
         time.sleep(0.3)
         yield
-    finally:
-        os.killpg(pgid, signal.SIGCONT)
 
 
 def restart_server(server: Any, while_down: Callable[[], None]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -115,3 +116,12 @@ def test_classifiers_are_known() -> None:
     # PEP 639: the SPDX expression replaces license classifiers (setuptools >= 77 refuses both).
     assert project["license"] == "MIT"
     assert not [c for c in classifiers if c.startswith("License ::")]
+
+
+def test_changelog_dates_the_version() -> None:
+    """The CHANGELOG has an Unreleased section first, then a dated section for ``__version__``."""
+    headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)
+    assert headings[0] == "Unreleased"
+    version = source_version()
+    dated = [h for h in headings[1:] if re.fullmatch(rf"{re.escape(version)} — \d{{4}}-\d{{2}}-\d{{2}}", h)]
+    assert dated == [headings[1]], f"no dated '## {version} — YYYY-MM-DD' section right after Unreleased: {headings}"

@@ -142,7 +142,9 @@ def test_activity_attempts_ride_idle_kill_and_restart(short_timeout: int, server
         for kind in ("sync", "async"):
             warm = await run.batch(kind, "warm", 2)
             busy = await run.batch(kind, "busy", 500)
-            assert delta(warm, busy, "connects") == 0
+            # A stall past the server's 2 s limit between activities (a loaded CI machine: Temporal's
+            # scheduling) correctly costs a discard and a connect; nothing else may.
+            assert delta(warm, busy, "connects") == delta(warm, busy, "discarded_server_idle")
             assert delta(warm, busy, "pings") == 0
             sent += 502
         await asyncio.sleep(IDLE_PAST_TIMEOUT)

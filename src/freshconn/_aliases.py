@@ -80,14 +80,18 @@ def ensure_known(scope: Scope, what: str = "unit_of_work(using=...)") -> None:
 
 
 _server_cache: dict[Scope, tuple[str, ...]] = {}
+#: What a unit leaves alone: the backends with no server, and (``_vendor()``) one that cannot load.
+_UNMANAGED = NO_SERVER_VENDORS | {"unknown"}
 
 
 def server_aliases(scope: Scope) -> tuple[str, ...]:
     """The aliases in scope whose backend talks to a server (the ones a unit counts and manages)."""
     aliases = _server_cache.get(scope)
     if aliases is None:
+        # An alias whose backend cannot load has no connection to manage: leaving it out keeps the
+        # units on every other alias working (Django raises for it where it is used, and its checks say so).
         aliases = tuple(
-            a for a in connections.settings if (scope is None or a in scope) and is_server_vendor(_vendor(a))
+            a for a in connections.settings if (scope is None or a in scope) and _vendor(a) not in _UNMANAGED
         )
         _server_cache[scope] = aliases
     return aliases

@@ -168,7 +168,7 @@ class _PostgresBase(Driver):
     def idle_limit(self, raw: Any) -> float | None:
         # pg_settings has no row for idle_session_timeout before PostgreSQL 14: no limit then.
         row = self._row(raw, "SELECT setting, unit FROM pg_settings WHERE name = 'idle_session_timeout'")
-        if row is None:
+        if row is None:  # pragma: no cover - PostgreSQL < 14 only; the test bed runs PostgreSQL 15
             return None
         value, unit = float(row[0]), row[1]
         return _positive(value / 1000.0 if unit == "ms" else value)

@@ -8,6 +8,7 @@ error classes twice.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -277,6 +278,10 @@ def is_unsent(exc: BaseException) -> bool:
             code = e.args[0] if e.args else None
             if code == 2006 or (code in (0, -1) and _mysql_gone(e)):
                 return True
+            # mysql-connector-python's 2055 wraps the socket error of the send: EBADF ("Errno 9: Bad
+            # file descriptor") means the client had closed that socket already, so no byte left.
+            if code == 2055 and ("errno 9" in str(e).lower() or "bad file descriptor" in str(e).lower()):
+                return True
         elif root in _PG_MODULES:
             text = str(e).lower()
             if "connection already closed" in text or "the connection is closed" in text:
@@ -314,8 +319,23 @@ def _frame_alias(frame: Any) -> str | None:
     obj = frame.f_locals.get("self")
     if isinstance(obj, BaseDatabaseWrapper):
         return str(obj.alias)
-    db = getattr(obj, "db", None)
-    return str(db.alias) if isinstance(db, BaseDatabaseWrapper) else None
+    db = _cursor_wrapper_db(obj)
+    return str(db.alias) if db is not None else None
+
+
+def _cursor_wrapper_db(obj: Any) -> BaseDatabaseWrapper | None:
+    """``obj.db`` when it is a Django wrapper (a CursorWrapper keeps its wrapper there), else None.
+
+    Read statically: a traceback's frames hold driver objects whose ``db`` is a property that raises
+    once the connection is closed (psycopg's ``PGconn.db``), and the end of a unit must not fail there.
+    """
+    if obj is None:
+        return None
+    try:
+        db = inspect.getattr_static(obj, "db", None)
+    except Exception:  # noqa: BLE001 - an odd object in a frame is simply "not a cursor wrapper"
+        return None
+    return db if isinstance(db, BaseDatabaseWrapper) else None
 
 
 def failed_alias(exc: BaseException | None) -> str | None:
@@ -342,9 +362,8 @@ def interrupted_alias(exc: BaseException | None) -> str | None:
         return None
     alias: str | None = None
     for frame in _frames(exc):
-        obj = frame.f_locals.get("self")
-        db = getattr(obj, "db", None)
-        if isinstance(db, BaseDatabaseWrapper):  # Django's CursorWrapper keeps its wrapper as .db
+        db = _cursor_wrapper_db(frame.f_locals.get("self"))
+        if db is not None:
             alias = str(db.alias)
     return alias
 

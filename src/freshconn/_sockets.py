@@ -33,9 +33,10 @@ def bounded(fd: int | None, seconds: float) -> Iterator[None]:
     with sock:
         previous: int | None = None
         try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                previous = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+            # fromfd() above states AF_INET, so sock.family always says so: only the kernel can tell a
+            # Unix socket, by refusing TCP options with an OSError.
+            previous = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
         except OSError:
             previous = None  # a Unix socket, or no TCP_USER_TIMEOUT here: nothing can black-hole it
         try:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import socket
 import sys
-import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import pymysql
 import pytest
 from django.db import Error, IntegrityError, connection, connections, transaction
 from django.test import override_settings
-from testbed.servers import DBServer, MariaDB
+from testbed.servers import DBServer
 
 import freshconn
 from freshconn import _django, _doctor, _drivers, _pool, _state, conf
@@ -28,6 +26,7 @@ from freshconn._findings import by_doctor_id, hit
 from freshconn._redact import ParamsError, describe_failure, safe_location
 from freshconn._sessions import wait_session_gone
 from freshconn.testing import kill_connection
+from tests import test_retries
 from tests.app.models import Order
 from tests.conftest import (
     DRIVER,
@@ -39,6 +38,10 @@ from tests.conftest import (
     short_server_timeout_options,
     wait_until_socket_shows_close,
 )
+from tests.test_retries import KillWhen, _block_commits
+
+#: The fixture that makes the next COMMIT wait on the server (shared with tests/test_retries.py).
+commit_blocker = test_retries.commit_blocker
 
 SECRET = "Hunter2-s3cr3t"
 
@@ -259,28 +262,6 @@ def test_waiting_for_a_session_on_an_unreachable_server_gives_up_at_the_timeout(
 
 
 @pytest.mark.server
-def test_a_disconnect_from_raw_driver_use_still_discards_the_connection(live: None) -> None:
-    """A disconnect raised through the raw driver connection (no Django cursor) discards it at the end of the unit."""
-    with pytest.raises(Exception) as err, freshconn.unit_of_work():
-        select_one()
-        killed = kill_connection()
-        raw = connection.connection
-        cursor = raw.cursor()
-        try:
-            cursor.execute("SELECT 1")
-            cursor.fetchall()
-        finally:
-            with contextlib.suppress(Exception):
-                cursor.close()
-    assert freshconn.is_disconnect(err.value)
-    assert counters()["discarded_error"] == 1
-    assert connection.connection is None
-    with freshconn.unit_of_work():
-        assert select_one() == 1
-    assert backend_id() != killed
-
-
-@pytest.mark.server
 def test_a_commit_refused_before_it_was_sent_is_not_ambiguous(live: None) -> None:
     """A COMMIT the driver refuses because it knows its connection is closed is an error, not an ambiguous commit."""
     with pytest.raises(Error) as err, freshconn.unit_of_work(), transaction.atomic():
@@ -292,73 +273,16 @@ def test_a_commit_refused_before_it_was_sent_is_not_ambiguous(live: None) -> Non
         assert not Order.objects.filter(ref="refused-commit").exists()
 
 
-def _session_state_sql(session: int) -> str:
-    if VENDOR == "mysql":
-        return (
-            "SELECT CONCAT(COALESCE(STATE, ''), '|', COALESCE(INFO, '')) "
-            f"FROM information_schema.PROCESSLIST WHERE ID = {session}"
-        )
-    return f"SELECT state || '|' || query FROM pg_stat_activity WHERE pid = {session}"
-
-
-class _KillDuringCommit(threading.Thread):
-    """Kills a session from the admin side once the server shows it running COMMIT."""
-
-    def __init__(self, server: DBServer, session: int) -> None:
-        super().__init__(daemon=True)
-        self.server, self.session = server, session
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if "commit" in self.server.admin_sql(_session_state_sql(self.session)).lower():
-                kill = f"KILL {self.session}" if VENDOR == "mysql" else f"SELECT pg_terminate_backend({self.session})"
-                self.server.admin_sql(kill)
-                return
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def slow_commit(live: None, server: DBServer) -> Iterator[Callable[[], None]]:
-    """Call it inside a transaction: that transaction's COMMIT then hangs on the server until killed."""
-    if VENDOR == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "CREATE OR REPLACE FUNCTION fc_edges_slow() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$"
-            )
-            cursor.execute(
-                "CREATE CONSTRAINT TRIGGER fc_edges_slow AFTER INSERT ON app_order DEFERRABLE INITIALLY DEFERRED "
-                "FOR EACH ROW WHEN (NEW.ref LIKE 'edge-slow-%%') EXECUTE FUNCTION fc_edges_slow()"
-            )
-        connection.close()
-        yield lambda: None
-        with connection.cursor() as cursor:
-            cursor.execute("DROP TRIGGER fc_edges_slow ON app_order")
-            cursor.execute("DROP FUNCTION fc_edges_slow()")
-        return
-    # MariaDB: a global read lock held by another session blocks COMMIT ("Waiting for commit lock").
-    import MySQLdb
-
-    assert isinstance(server, MariaDB)
-    holder = MySQLdb.connect(unix_socket=server.socket, user="root")
-    try:
-        yield lambda: holder.cursor().execute("FLUSH TABLES WITH READ LOCK")
-    finally:
-        holder.cursor().execute("UNLOCK TABLES")
-        holder.close()
-
-
 @pytest.mark.server
-def test_a_raw_sql_commit_lost_in_flight_is_ambiguous(live: None, server: DBServer, slow_commit: Any) -> None:
+def test_a_raw_sql_commit_lost_in_flight_is_ambiguous(live: None, server: DBServer, commit_blocker: Any) -> None:
     """A COMMIT sent as raw SQL and lost in flight raises AmbiguousCommitError naming the lost session."""
     with pytest.raises(AmbiguousCommitError) as err, freshconn.unit_of_work():
         session = backend_id()
         with connection.cursor() as cursor:
             cursor.execute("BEGIN")
-            cursor.execute("INSERT INTO app_order (ref, qty) VALUES ('edge-slow-raw', 1)")
-            slow_commit()
-            killer = _KillDuringCommit(server, session)
+            cursor.execute("INSERT INTO app_order (ref, qty) VALUES ('amb-edge-raw', 1)")
+            _block_commits(commit_blocker)
+            killer = KillWhen(server, session, "commit")
             killer.start()
             try:
                 cursor.execute("COMMIT")
@@ -474,17 +398,17 @@ def test_a_pooled_connection_left_on_a_read_only_session_never_goes_back_to_the_
 
 @pytest.mark.server
 def test_an_async_unit_whose_commit_is_lost_in_flight_raises_ambiguous_commit(
-    live: None, server: DBServer, slow_commit: Any
+    live: None, server: DBServer, commit_blocker: Any
 ) -> None:
     """An async unit whose transaction's COMMIT is lost in flight raises AmbiguousCommitError, found from the error."""
     from asgiref.sync import sync_to_async
 
     def work() -> None:
-        killer = _KillDuringCommit(server, backend_id())
+        killer = KillWhen(server, backend_id(), "commit")
         try:
             with transaction.atomic():
-                Order.objects.create(ref="edge-slow-async")
-                slow_commit()
+                Order.objects.create(ref="amb-edge-async")
+                _block_commits(commit_blocker)
                 killer.start()
         finally:
             killer.join()

@@ -158,24 +158,29 @@ def test_a_unit_that_leaves_autocommit_off_loses_its_connection(live: None) -> N
         assert select_one() == 1
 
 
+def raw_select() -> None:
+    """A query through the raw driver connection, which no Django wrapper sees (its cursor closed whatever happens)."""
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute("SELECT 1")
+        cursor.fetchall()
+    finally:
+        with contextlib.suppress(Exception):
+            cursor.close()
+
+
 def test_a_disconnect_seen_only_by_the_raw_driver_drops_every_connection_in_scope(live: None) -> None:
     """A raw driver cursor failing with a disconnect (no Django wrapper saw it) still discards the connection."""
     with pytest.raises(driver_module().Error) as err, freshconn.unit_of_work():
         select_one()
-        kill_connection()
-        raw = connection.connection
-        cursor = raw.cursor()
-        try:
-            cursor.execute("SELECT 1")
-            cursor.fetchall()
-        finally:
-            with contextlib.suppress(Exception):
-                cursor.close()
+        killed = kill_connection()
+        raw_select()
     assert freshconn.is_disconnect(err.value)
     assert connection.connection is None
     assert counters()["discarded_error"] == 1
     with freshconn.unit_of_work():
         assert select_one() == 1
+        assert backend_id() != killed
 
 
 def _read_only_sql() -> str:
@@ -572,13 +577,7 @@ def test_a_raw_driver_disconnect_leaves_aliases_outside_the_units_scope_alone(li
         with pytest.raises(driver_module().Error) as err, freshconn.unit_of_work(using="default"):
             select_one()
             kill_connection()
-            cursor = connection.connection.cursor()
-            try:
-                cursor.execute("SELECT 1")
-                cursor.fetchall()
-            finally:
-                with contextlib.suppress(Exception):
-                    cursor.close()
+            raw_select()
         assert freshconn.is_disconnect(err.value)
         assert connection.connection is None
         assert second.connection is kept

@@ -280,7 +280,7 @@ def is_unsent(exc: BaseException) -> bool:
                 return True
             # mysql-connector-python's 2055 wraps the socket error of the send: EBADF ("Errno 9: Bad
             # file descriptor") means the client had closed that socket already, so no byte left.
-            if code == 2055 and ("errno 9" in str(e).lower() or "bad file descriptor" in str(e).lower()):
+            if code == 2055 and any(t in str(e).lower() for t in ("errno 9", "bad file descriptor")):
                 return True
         elif root in _PG_MODULES:
             text = str(e).lower()

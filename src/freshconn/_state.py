@@ -303,10 +303,10 @@ def hook(conn: BaseDatabaseWrapper) -> None:
     if getattr(conn, _HOOKED_ATTR, False):
         return
     setattr(conn, _HOOKED_ATTR, True)
-    # Present on every hooked (so every registered) wrapper: the statement hook and the per-unit
-    # loops read it as a plain attribute, not with getattr() and a default. A wrapper gets its
-    # first state only after it is hooked (register() runs before _new_state()), so none has one yet.
-    setattr(conn, STATE_ATTR, None)
+    if not hasattr(conn, STATE_ATTR):
+        # Present on every hooked (so every registered) wrapper: the statement hook and the
+        # per-unit loops read it as a plain attribute, not with getattr() and a default.
+        setattr(conn, STATE_ATTR, None)
     # Index 0 is the outermost wrapper: it sees every other wrapper's errors, and Django's
     # execute_wrapper() context manager, which pops from the end, never removes it.
     conn.execute_wrappers.insert(0, statement_hook)

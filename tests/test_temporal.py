@@ -102,7 +102,10 @@ class Runner:
 async def with_workers(body: Any) -> Any:
     """One dev server, two workers side by side: freshconn's (interceptor and pool), and a plain one for contrast."""
     pool, plain_pool = freshconn.ThreadPoolExecutor(1), concurrent.futures.ThreadPoolExecutor(1)
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=TEMPORAL, ui=False)
+    # The SDK's default 5 s start-up limit is too short on a loaded 2-core CI machine (seen: refused at 5 s).
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=TEMPORAL, ui=False, dev_server_startup_timeout=timedelta(seconds=60)
+    )
     try:
         queue, plain_queue = f"q-{uuid.uuid4().hex[:8]}", f"plain-{uuid.uuid4().hex[:8]}"
         common: dict[str, Any] = {

@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.broker,
     pytest.mark.kafka,
     pytest.mark.slow,
-    one_driver_per_vendor(mysql="mysqlconnector", postgresql="psycopg"),
+    one_driver_per_vendor(mysql="mysqlconnector", postgresql="psycopg2"),
 ]
 
 

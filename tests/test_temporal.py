@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.server,
     pytest.mark.broker,
     pytest.mark.slow,
-    one_driver_per_vendor(mysql="mysqlclient", postgresql="psycopg"),
+    one_driver_per_vendor(mysql="mysqlclient", postgresql="psycopg2"),
 ]
 
 TEMPORAL = os.path.join(os.path.dirname(sys.executable), "temporal")

@@ -219,6 +219,10 @@ on_register: list[Callable[[BaseDatabaseWrapper], None]] = []
 #: Called once when freshconn is wired to Django (freshconn._adopt connects its settings receiver).
 on_wire: list[Callable[[], None]] = []
 wired = False
+#: The open units, in any thread, that classify their statements (retrying units, freshconn._units):
+#: while it is empty, the statement hook's success path reads no thread-local at all. set.add and
+#: set.discard are atomic under the GIL, so threads need no lock for it.
+tracking_units: set[Any] = set()
 
 
 def wire() -> None:
@@ -470,11 +474,10 @@ def _commit_lost(
 def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Mapping[str, Any]) -> Any:
     """Django execute wrapper on every managed connection: last use, interruptions, a retrying unit's writes."""
     conn = context["connection"]
-    active = tls.ctx.active
     try:
         result = execute(sql, params, many, context)
     except BaseException as exc:
-        _failed(conn, sql, exc, active)
+        _failed(conn, sql, exc, tls.ctx.active)
         raise
     state: ConnState | None = conn._freshconn_state  # STATE_ATTR: set by hook(), a plain read
     if state is not None:
@@ -482,8 +485,12 @@ def statement_hook(execute: Callable[..., Any], sql: str, params: Any, many: boo
         state.last_used = now
         until = now + state.window
         state.check_at = until if until < state.deadline else state.deadline
-    if active is not None and active.tracking:
-        _track(conn, sql, active.record())
+    # Only while some thread runs a retrying unit is this thread's unit looked up (the busy path
+    # of every other worker pays one global read, not a thread-local read per statement).
+    if tracking_units:
+        active = tls.ctx.active
+        if active is not None and active.tracking:
+            _track(conn, sql, active.record())
     return result
 
 

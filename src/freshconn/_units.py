@@ -106,6 +106,8 @@ def _open(
     else:
         handle = UnitHandle(scope, owner, True, thread)
     handle.tracking = tracking
+    if tracking:
+        _state.tracking_units.add(handle)
     parent = handle._parent = thread.active
     stack.append(handle)
     thread.active = handle
@@ -117,6 +119,7 @@ def _open(
         stack.pop()
         thread.active = parent
         handle.closed = True
+        _state.tracking_units.discard(handle)
         raise
     return handle
 
@@ -161,6 +164,8 @@ def _finish(handle: UnitHandle, exc: BaseException | None, thread: ThreadState, 
     handle.closed = True
     if not handle.acting:
         return
+    if handle.tracking:
+        _state.tracking_units.discard(handle)
     parent = handle._parent
     thread.active = parent
     tracker = handle.tracker

@@ -584,3 +584,39 @@ def test_a_raw_driver_disconnect_leaves_aliases_outside_the_units_scope_alone(li
         with second.cursor() as cursor:
             cursor.execute("SELECT 2")
             assert cursor.fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("outcome", ["returns", "not_retried", "raises", "nested_in_each"])
+def test_a_retrying_unit_is_registered_with_the_statement_hook_only_while_it_is_open(
+    live: None, outcome: str
+) -> None:
+    """The statement hook classifies writes while a retrying unit is open (its write forbids the retry), and forgets it once it ends."""
+    seen: list[int] = []
+
+    @freshconn.unit_of_work(retries=2)
+    def work() -> None:
+        seen.append(len(_state.tracking_units))
+        if outcome == "raises":
+            raise ValueError("the work's own error")
+        if outcome in ("not_retried", "nested_in_each"):
+            Order.objects.create(ref=f"track-{outcome}")
+            kill_connection()
+            select_one()
+
+    if outcome == "nested_in_each":
+        with pytest.raises(Error) as err:
+            for _ in freshconn.each([1]):
+                work()
+    elif outcome == "returns":
+        work()
+    else:
+        with pytest.raises(Exception) as err:
+            work()
+    if outcome in ("not_retried", "nested_in_each"):
+        assert freshconn.is_disconnect(err.value)
+        assert Order.objects.filter(ref=f"track-{outcome}").count() == 1
+    assert seen == [1]  # one attempt, registered while it ran
+    assert _state.tracking_units == set()
+    for _ in freshconn.each([1]):
+        Order.objects.create(ref=f"after-{outcome}")
+    assert _state.tracking_units == set()

@@ -63,7 +63,9 @@ def read_events(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Events per task key: one per run of the task (two would mean it ran twice)."""
     out: dict[str, list[dict[str, Any]]] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        # A line without its newline is still being written (a read may see half of a worker's
+        # one write() to its log): it is read at the next look.
+        for line in path.read_text().split("\n")[:-1]:
             event = json.loads(line)
             out.setdefault(event["key"], []).append(event)
     return out

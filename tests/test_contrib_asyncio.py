@@ -107,12 +107,17 @@ def test_without_it_every_default_executor_thread_fails_after_idle_and_keeps_its
     seen: dict[str, Any] = {}
 
     async def main() -> None:
-        await in_default_executor(40)
+        seen["first"] = await in_default_executor(40)
         await asyncio.sleep(IDLE_PAST_TIMEOUT)
         seen["after_idle"] = await in_default_executor(40)
 
     asyncio.run(main())
-    assert [isinstance(r, BaseException) for r in seen["after_idle"]] == [True] * 40
+    # The executor starts its threads lazily: on a loaded machine the second batch may start one
+    # that the first did not, with a new connection. Every thread that kept one across the idle spell fails.
+    idle = set(seen["first"])
+    assert not any(isinstance(r, BaseException) for r in seen["first"])
+    assert all(isinstance(r, BaseException) or r not in idle for r in seen["after_idle"])
+    assert any(isinstance(r, BaseException) for r in seen["after_idle"])
     gc.disable()  # as between two collections of a busy program
     try:
         asyncio.run(in_default_executor(40))  # a new loop, new threads, new connections

@@ -220,7 +220,10 @@ def kill_trials(workers: dict[str, Worker], trials: int) -> dict[str, Any]:
 
     For freshconn with its poll (the default after any pause) and with the poll switched off, the
     next unit starts right after the KILL statement returned, or 1 ms later; a failed unit is one
-    whose query raised. Also: how long after the KILL returned the socket showed it (poll spin).
+    whose query raised. Then, freshconn's default only, the KILL inside a unit after its last
+    statement, the next unit at once: with a short tail (the back-to-back skip, no poll) and with
+    a tail longer than ``_policy.SOCKET_CHECK_IDLE``. Also: how long after the KILL returned the
+    socket showed it (poll spin).
     """
     w = workers.get("freshconn")
     if w is None or trials <= 0:
@@ -280,6 +283,32 @@ def _kill_trials_in_worker(w: Worker, trials: int) -> dict[str, Any]:
                     "discarded_error": stats.get("discarded_error", 0),
                     "pings": stats.get("pings", 0),
                 }
+        # The trade of the back-to-back skip (_policy.SOCKET_CHECK_IDLE): a KILL inside a unit, after
+        # its last statement, then the next unit at once. A short tail leaves the connection "busy"
+        # (no poll: the next unit's query finds the KILL); a tail past the limit leaves it idle.
+        for tail_label, tail in (("tail_short", 0.0), ("tail_long", 2e-3)):
+            failed = 0
+            fc.reset_stats()
+            for _ in range(trials):
+                for pk in fc.each([1]):
+                    get(pk=pk)
+                    sid = session_id()
+                    kill(sid)
+                    until = clock() + tail
+                    while clock() < until:
+                        pass
+                try:
+                    for pk in fc.each([2]):
+                        get(pk=pk)
+                except Exception:
+                    failed += 1
+            stats = w._fc_stats()
+            out[tail_label] = {
+                "failed_units": failed,
+                "discarded_dead": stats.get("discarded_dead", 0),
+                "discarded_error": stats.get("discarded_error", 0),
+                "pings": stats.get("pings", 0),
+            }
         # How long after the KILL returned the idle socket showed it (what the poll can see).
         delays: list[float] = []
         for _ in range(trials):

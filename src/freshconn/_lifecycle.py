@@ -113,9 +113,9 @@ def begin(scope: Scope, count: bool = True, thread: ThreadState | None = None) -
             and now < state.check_at
             and not conn.errors_occurred
             and not conn.in_atomic_block
-            # Back-to-back units (microseconds apart) skip even the poll(): nothing the server does in
-            # that window can be on the socket yet (see _policy.SOCKET_CHECK_AFTER).
-            and (now - state.last_used < _policy.SOCKET_CHECK_AFTER or state.poller is None or not state.poller.poll(0))
+            # Back-to-back units skip even the poll(); ended_at is stamped by end() only for a
+            # connection the previous unit used (see _policy.SOCKET_CHECK_AFTER and SOCKET_CHECK_IDLE).
+            and (now - state.ended_at < _policy.SOCKET_CHECK_AFTER or state.poller is None or not state.poller.poll(0))
         ):
             if not conn.health_check_done:  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
                 conn.health_check_done = True  # type: ignore[attr-defined]
@@ -184,7 +184,10 @@ def end(scope: Scope, exc: BaseException | None, thread: ThreadState | None = No
                 and conn.autocommit == state.autocommit
                 and not state.pooled
             ):
-                continue  # the common case: nothing to do
+                # The common case: nothing to do but note that the connection is busy, not idle.
+                if now - state.last_used < _policy.SOCKET_CHECK_IDLE:
+                    state.ended_at = now
+                continue
             _end_one(conn, now, False, False)
         return
     disconnect = is_disconnect(exc)

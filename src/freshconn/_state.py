@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import select
 import sys
@@ -59,6 +60,7 @@ class ConnState:
         "deadline",
         "doomed",
         "driver",
+        "ended_at",
         "idle_limit",
         "last_used",
         "opened_at",
@@ -74,6 +76,8 @@ class ConnState:
         self.driver = driver
         self.raw = raw
         self.opened_at = self.last_used = now
+        #: When the last unit that used this connection ended (see _policy.SOCKET_CHECK_IDLE).
+        self.ended_at = -math.inf
         self.spread = random.random()
         self.deadline = self.check_at = now
         self.idle_limit: float | None = None

@@ -108,6 +108,10 @@ class Server:
 
         If it exits or never listens, everything it left is stopped and removed before the error rises.
         """
+        if not self.tmp:
+            # After stop() the temporary directory is gone: the log (and a server's data) would
+            # land in the current directory instead (stray server.log / haproxy.log at the repo root).
+            raise RuntimeError(f"{type(self).__name__} was stopped (its files are removed): start() it again instead")
         with open(os.path.join(self.tmp, log_name), "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, **popen)
         try:

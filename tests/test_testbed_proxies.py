@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import pytest
 from django.db import connections
@@ -59,3 +60,16 @@ def test_proxy_drops_an_idle_client_the_server_keeps(proxied: tuple[str, Callabl
     with pytest.raises(Exception) as caught:
         _select_one("proxied")
     assert freshconn.is_disconnect(caught.value), repr(caught.value)
+
+
+def test_a_stopped_proxy_refuses_to_come_back_up(
+    server: DBServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After stop() removed its files, up() raises instead of writing its log into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    proxy = HAProxy(server.port, idle_timeout=PROXY_IDLE)
+    proxy.start()
+    proxy.stop()
+    with pytest.raises(RuntimeError, match="was stopped"):
+        proxy.up()
+    assert not list(tmp_path.iterdir())

@@ -37,7 +37,9 @@ DRIVERS = ("mysqlclient", "pymysql", "psycopg", "psycopg2")
 #: Every variant, with the policies it runs. "freshconn_poll_never" and "freshconn_poll_always"
 #: force freshconn's zero-timeout poll() of an idle socket off or on: the two sides of that trade-off
 #: (the "polls/1k units" column says which of them freshconn's default behaved like). CONN_MAX_AGE=0
-#: runs in the back-to-back loop only: its connect per message dwarfs any message source.
+#: runs in the back-to-back loop only: its connect per message dwarfs any message source. "floor"
+#: (the back-to-back loop only) is the least work any Python lifecycle does per unit, unsafe:
+#: a reference for the lifecycle figures (benchmarks.worker.floor_each).
 VARIANT_POLICIES: dict[str, tuple[str, ...]] = {
     "loop": (
         "unsafe",
@@ -47,6 +49,7 @@ VARIANT_POLICIES: dict[str, tuple[str, ...]] = {
         "freshconn",
         "freshconn_poll_never",
         "freshconn_poll_always",
+        "floor",
     ),
     "gap": ("unsafe", "unsafe_again", "django_health_checks", "freshconn", "freshconn_poll_never"),
     "redis": ("unsafe", "unsafe_again", "django_health_checks", "freshconn", "freshconn_poll_never"),

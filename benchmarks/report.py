@@ -14,6 +14,7 @@ LABELS = {
     "freshconn": "freshconn",
     "freshconn_poll_never": "freshconn, socket poll off",
     "freshconn_poll_always": "freshconn, socket poll on every unit",
+    "floor": "floor: the least a Python lifecycle does (unsafe)",
     "pool": "pool alone (close_old_connections())",
     "pool_again": "pool alone again (A/A control)",
     "pool_health_checks": "pool + CONN_HEALTH_CHECKS",
@@ -27,6 +28,7 @@ COLORS = {
     "freshconn": "#1e88e5",
     "freshconn_poll_never": "#90caf9",
     "freshconn_poll_always": "#0d47a1",
+    "floor": "#a5d6a7",
 }
 DRIVER_LABELS = {
     "mysqlclient": "MariaDB / mysqlclient",

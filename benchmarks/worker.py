@@ -27,6 +27,7 @@ ALL_POLICIES = (
     "freshconn",
     "freshconn_poll_always",
     "freshconn_poll_never",
+    "floor",
 )
 
 #: Django settings per policy; everything else about the alias stays the same.
@@ -38,6 +39,7 @@ POLICY_SETTINGS: dict[str, dict[str, Any]] = {
     "freshconn": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
     "freshconn_poll_always": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
     "freshconn_poll_never": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
+    "floor": {"CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False},
 }
 
 #: freshconn skips the poll() for a connection used less than ``_policy.SOCKET_CHECK_AFTER`` seconds
@@ -53,6 +55,47 @@ def is_freshconn(policy: str) -> bool:
 
 def is_unsafe(policy: str) -> bool:
     return policy.startswith("unsafe")
+
+
+class _FloorCtx:
+    __slots__ = ("check_at", "deadline", "raw")
+
+    def __init__(self) -> None:
+        self.raw: Any = None
+        self.check_at = 0.0
+        self.deadline = math.inf
+
+
+class _FloorLocal(threading.local):
+    def __init__(self) -> None:
+        self.ctx = _FloorCtx()
+
+
+_FLOOR = _FloorLocal()
+
+
+def floor_each(msgs: Iterable[int], conn: Any) -> Iterator[int]:
+    """The "floor" policy: the least work a per-unit lifecycle written in Python does, and no more.
+
+    Not a safe policy (it acts on nothing): a reference, measured in the same run, for what any
+    Python busy path costs. Per unit, as freshconn's at its leanest: at the start a thread-local
+    read, the clock, and for the connection: is it the one seen last, is it within its idle
+    window, has Django flagged an error, is a transaction open; at the end the clock, the error
+    flag and the lifetime. freshconn does more (unit counting, nesting, the statement hook, the
+    poll decision, autocommit, the idle aliases' scope), which the tests prove it needs.
+    """
+    local, clock = _FLOOR, time.monotonic
+    for m in msgs:
+        ctx = local.ctx
+        now = clock()
+        raw = conn.connection
+        if raw is not ctx.raw or now >= ctx.check_at or conn.errors_occurred or conn.in_atomic_block:
+            ctx.raw = raw  # the slow path: taken once, at the first unit
+        yield m
+        now = clock()
+        if conn.errors_occurred or now >= ctx.deadline:
+            ctx.raw = None
+        ctx.check_at = now + 5.0
 
 
 class Messages:
@@ -284,7 +327,19 @@ class Worker(threading.Thread):
             for pk in each(msgs):
                 get(pk=pk)
 
-        self.loop = fresh if is_freshconn(self.policy) else unsafe if is_unsafe(self.policy) else django_policy
+        def floor(msgs: Iterable[int]) -> None:
+            for pk in floor_each(msgs, conn):
+                get(pk=pk)
+
+        self.loop = (
+            fresh
+            if is_freshconn(self.policy)
+            else unsafe
+            if is_unsafe(self.policy)
+            else floor
+            if self.policy == "floor"
+            else django_policy
+        )
 
         # The same loops, timing what happens between one message's query and the next one's
         # (plus, for Django, the ping or connect it runs inside the query): the lifecycle as it
@@ -320,8 +375,23 @@ class Worker(threading.Thread):
                 last = clock()
                 queries.append(last - t)
 
+        def floor_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
+            last = 0.0
+            for pk in floor_each(msgs, conn):
+                t = clock()
+                samples.append(t - last)
+                get(pk=pk)
+                last = clock()
+                queries.append(last - t)
+
         self.timed_loop = (
-            fresh_timed if is_freshconn(self.policy) else unsafe_timed if is_unsafe(self.policy) else django_timed
+            fresh_timed
+            if is_freshconn(self.policy)
+            else unsafe_timed
+            if is_unsafe(self.policy)
+            else floor_timed
+            if self.policy == "floor"
+            else django_timed
         )
 
     def _close(self) -> None:
@@ -508,6 +578,14 @@ class Worker(threading.Thread):
             stats = self._fc_stats()
             out.update(overhead_units=stats.get("units", 0), overhead_pings=stats.get("pings", 0))
             out["overhead_connects"] = stats.get("connects", 0)
+        elif self.policy == "floor":
+            conn.ensure_connection()
+
+            def floor_form(batch: int) -> None:
+                for _ in floor_each(range(batch), conn):
+                    pass
+
+            out["overhead_us"] = (best_per_iteration(floor_form, 200, seconds) - base) * 1e6
         elif self.policy == "django_health_checks":
             conn.ensure_connection()
 

@@ -23,7 +23,7 @@ pytestmark = [
 
 BASE = {"unsafe", "unsafe_again", "django_health_checks", "freshconn"}
 VARIANTS = {
-    "loop": BASE | {"django_max_age_0", "freshconn_poll_never", "freshconn_poll_always"},
+    "loop": BASE | {"django_max_age_0", "freshconn_poll_never", "freshconn_poll_always", "floor"},
     "gap": BASE | {"freshconn_poll_never"},
     "redis": BASE | {"freshconn_poll_never"},
     "idle_aliases": BASE,

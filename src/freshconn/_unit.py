@@ -5,14 +5,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final, overload
 
-from . import _aliases, _lifecycle, _retry, _state
+from . import _aliases, _retry
 from ._aliases import Scope, Using
 from ._state import tls
-from ._units import UnitHandle, _open, close
+from ._units import _open, close, run_each
 
 if TYPE_CHECKING:
     from typing_extensions import deprecated
@@ -179,15 +179,6 @@ def unit_of_work(
     return UnitOfWork(using, retries=retries, idempotent=idempotent)
 
 
-def _close_in_generator(handle: UnitHandle, exc: BaseException | None) -> None:
-    try:
-        close(handle, exc)
-    except RuntimeError as err:
-        # The generator is being finished by a thread other than the one that advanced it (or
-        # garbage-collected there): refused, and its own thread ends the unit at its next one.
-        logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})
-
-
 def each(iterable: Iterable[T], using: Using = None) -> Generator[T, None, None]:
     """Yield each item of ``iterable`` inside its own unit of work.
 
@@ -199,66 +190,4 @@ def each(iterable: Iterable[T], using: Using = None) -> Generator[T, None, None]
         raise TypeError(
             f"each() takes an iterable of messages (a consumer, a queue, a list), got {type(iterable).__name__}"
         )
-    return _each(iter(iterable), scope)
-
-
-def _each(items: Iterator[T], scope: Scope) -> Generator[T, None, None]:
-    # One handle for the whole loop while each unit closes normally, and one thread-local read per
-    # message: a generator's resume runs in one thread, so the thread that closes a unit is the one
-    # that fetches the next item and opens the next unit (a later resume may run elsewhere, hence
-    # the read after each yield). The two inlined steps are close() and _open() restricted to their
-    # commonest case (an outermost unit, alone on its thread's stack); any other case takes the
-    # general functions.
-    handle: UnitHandle | None = None
-    thread = tls.ctx
-    for item in items:
-        stack = thread.stack
-        if (
-            handle is not None
-            and handle.closed
-            and not handle.abandoned
-            and handle._ctx is thread
-            and not stack
-            and not thread.async_open
-            and thread.active is None
-            and _state.wired
-        ):
-            handle.closed = False
-            handle.acting = True
-            handle.tracker = None
-            stack.append(handle)
-            thread.active = handle
-            thread.lost = False
-            try:
-                _lifecycle.begin(scope, True, thread)
-            except BaseException:
-                stack.pop()
-                thread.active = None
-                handle.closed = True
-                raise
-        else:
-            handle = _open(scope, None, False, False, True, handle)
-        try:
-            yield item
-        except BaseException as exc:
-            _close_in_generator(handle, exc)
-            raise
-        thread = tls.ctx
-        stack = thread.stack
-        if (
-            handle._ctx is thread
-            and stack
-            and stack[-1] is handle
-            and not handle.closed
-            and handle.acting
-            and handle._parent is None
-        ):
-            stack.pop()
-            handle.closed = True
-            thread.active = None
-            _lifecycle.end(scope, None, thread)
-        else:
-            try:
-                close(handle, None)
-            except RuntimeError as err:
-                logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})
+    return run_each(iter(iterable), scope)

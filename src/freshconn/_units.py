@@ -12,14 +12,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Generator, Iterator
+from typing import Any, TypeVar
 
 from . import _aliases, _lifecycle, _state, _stats
 from ._aliases import Scope, Using
 from ._errors import AmbiguousCommitError, chain, commit_alias
 from ._state import LOST_ATTR, STATE_ATTR, ConnState, ThreadState, Tracker, local, tls
 
-__all__ = ["UnitHandle", "close", "in_transaction", "in_unit", "open_unit"]
+__all__ = ["UnitHandle", "close", "in_transaction", "in_unit", "open_unit", "run_each"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("freshconn")
 _get_ident = threading.get_ident
@@ -300,3 +303,75 @@ def close_async(handle: UnitHandle, exc: BaseException | None) -> None:
         lost = _ambiguous(exc, None)
         if lost is not None:
             raise lost from exc
+
+
+def _close_in_generator(handle: UnitHandle, exc: BaseException | None) -> None:
+    try:
+        close(handle, exc)
+    except RuntimeError as err:
+        # The generator is being finished by a thread other than the one that advanced it (or
+        # garbage-collected there): refused, and its own thread ends the unit at its next one.
+        logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})
+
+
+def run_each(items: Iterator[T], scope: Scope) -> Generator[T, None, None]:
+    """``freshconn.each()``: each item of ``items`` inside its own unit (the stack protocol, fast)."""
+    # One handle for the whole loop while each unit closes normally, and one thread-local read per
+    # message: a generator's resume runs in one thread, so the thread that closes a unit is the one
+    # that fetches the next item and opens the next unit (a later resume may run elsewhere, hence
+    # the read after each yield). The two inlined steps are close() and _open() above, restricted to
+    # their commonest case (an outermost unit, alone on its thread's stack); any other case takes the
+    # general functions.
+    handle: UnitHandle | None = None
+    thread = tls.ctx
+    for item in items:
+        stack = thread.stack
+        if (
+            handle is not None
+            and handle.closed
+            and not handle.abandoned
+            and handle._ctx is thread
+            and not stack
+            and not thread.async_open
+            and thread.active is None
+            and _state.wired
+        ):
+            handle.closed = False
+            handle.acting = True
+            handle.tracker = None
+            stack.append(handle)
+            thread.active = handle
+            thread.lost = False
+            try:
+                _lifecycle.begin(scope, True, thread)
+            except BaseException:
+                stack.pop()
+                thread.active = None
+                handle.closed = True
+                raise
+        else:
+            handle = _open(scope, None, False, False, True, handle)
+        try:
+            yield item
+        except BaseException as exc:
+            _close_in_generator(handle, exc)
+            raise
+        thread = tls.ctx
+        stack = thread.stack
+        if (
+            handle._ctx is thread
+            and stack
+            and stack[-1] is handle
+            and not handle.closed
+            and handle.acting
+            and handle._parent is None
+        ):
+            stack.pop()
+            handle.closed = True
+            thread.active = None
+            _lifecycle.end(scope, None, thread)
+        else:
+            try:
+                close(handle, None)
+            except RuntimeError as err:
+                logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})

@@ -103,7 +103,7 @@ def _cases(conn: Any, n: int, m: int) -> dict[str, Callable[[], None]]:
             def run() -> None:
                 # As benchmarks.worker does: inf makes every unit back to back (both thresholds, in a
                 # core that has SOCKET_CHECK_IDLE), 0 none.
-                # Any: this core has no SOCKET_CHECK_IDLE, an older one does.
+                # Any: some cores have no SOCKET_CHECK_IDLE.
                 policy: Any = _policy
                 saved = {
                     k: getattr(policy, k) for k in ("SOCKET_CHECK_AFTER", "SOCKET_CHECK_IDLE") if hasattr(policy, k)

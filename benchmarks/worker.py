@@ -298,7 +298,8 @@ class Worker(threading.Thread):
         conn.connect = timed_connect  # type: ignore[method-assign]
         self.conn = conn
         self.freshconn = freshconn
-        # Any: the thresholds differ between cores (an older one has SOCKET_CHECK_IDLE, this one does not).
+        # Any: the thresholds differ between cores (SOCKET_CHECK_IDLE exists in older cores and in
+        # this one, with other meanings; cores in between lack it).
         self.policy_module: Any = _policy
         self.default_poll_threshold = _policy.SOCKET_CHECK_AFTER
         self.default_idle_threshold = getattr(_policy, "SOCKET_CHECK_IDLE", None)
@@ -313,8 +314,18 @@ class Worker(threading.Thread):
         get = Item.objects.get
         each = freshconn.each
 
-        def unsafe(msgs: Iterable[int]) -> None:
-            for pk in msgs:
+        # The message source as each non-Django policy iterates it: as it is, inside freshconn's
+        # units, or inside the floor's minimal lifecycle. Wrapped once per slice, outside the loop.
+        wrap: Callable[[Iterable[int]], Iterable[int]] = (
+            each
+            if is_freshconn(self.policy)
+            else (lambda msgs: floor_each(msgs, conn))
+            if self.policy == "floor"
+            else (lambda msgs: msgs)
+        )
+
+        def plain(msgs: Iterable[int]) -> None:
+            for pk in wrap(msgs):
                 get(pk=pk)
 
         def django_policy(msgs: Iterable[int]) -> None:
@@ -323,30 +334,15 @@ class Worker(threading.Thread):
                 get(pk=pk)
                 close_old_connections()
 
-        def fresh(msgs: Iterable[int]) -> None:
-            for pk in each(msgs):
-                get(pk=pk)
-
-        def floor(msgs: Iterable[int]) -> None:
-            for pk in floor_each(msgs, conn):
-                get(pk=pk)
-
-        self.loop = (
-            fresh
-            if is_freshconn(self.policy)
-            else unsafe
-            if is_unsafe(self.policy)
-            else floor
-            if self.policy == "floor"
-            else django_policy
-        )
+        is_django = not (is_freshconn(self.policy) or is_unsafe(self.policy) or self.policy == "floor")
+        self.loop = django_policy if is_django else plain
 
         # The same loops, timing what happens between one message's query and the next one's
         # (plus, for Django, the ping or connect it runs inside the query): the lifecycle as it
         # runs in a real loop, where caches are cold after the ORM and the driver ran.
-        def unsafe_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
+        def plain_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
             last = 0.0
-            for pk in msgs:
+            for pk in wrap(msgs):
                 t = clock()
                 samples.append(t - last)
                 get(pk=pk)
@@ -366,33 +362,7 @@ class Worker(threading.Thread):
                 last = done
                 close_old_connections()
 
-        def fresh_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
-            last = 0.0
-            for pk in each(msgs):
-                t = clock()
-                samples.append(t - last)
-                get(pk=pk)
-                last = clock()
-                queries.append(last - t)
-
-        def floor_timed(msgs: Iterable[int], samples: list[float], queries: list[float]) -> None:
-            last = 0.0
-            for pk in floor_each(msgs, conn):
-                t = clock()
-                samples.append(t - last)
-                get(pk=pk)
-                last = clock()
-                queries.append(last - t)
-
-        self.timed_loop = (
-            fresh_timed
-            if is_freshconn(self.policy)
-            else unsafe_timed
-            if is_unsafe(self.policy)
-            else floor_timed
-            if self.policy == "floor"
-            else django_timed
-        )
+        self.timed_loop = django_timed if is_django else plain_timed
 
     def _close(self) -> None:
         self.conn.close()

@@ -371,7 +371,4 @@ def run_each(items: Iterator[T], scope: Scope) -> Generator[T, None, None]:
             thread.active = None
             _lifecycle.end(scope, None, thread)
         else:
-            try:
-                close(handle, None)
-            except RuntimeError as err:
-                logger.warning("%s", err, extra={"alias": None, "reason": "abandoned_unit"})
+            _close_in_generator(handle, None)

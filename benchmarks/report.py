@@ -39,6 +39,10 @@ DRIVER_LABELS = {
 #: Issue 10's targets for freshconn, in one run with the A/A control.
 TARGET_RATIO = 0.98
 TARGET_LIFECYCLE_US = 3.0
+#: Issue 10 sets the lifecycle target "in the loop, the same with 20 configured but idle aliases":
+#: back to back. After a gap or a queue's round trip every unit polls its socket (a system call),
+#: which the ratio target covers there.
+LIFECYCLE_TARGET_VARIANTS = ("loop", "idle_aliases")
 TARGET_PINGS = 0.0
 #: The chart's ratio axis starts here: the differences that matter are a few percent near 1.0.
 BOTTOM = 0.6
@@ -122,7 +126,9 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         for driver, by_policy in by_driver.items():
             fc, aa = by_policy["freshconn"], by_policy["unsafe_again"]
             ok_ratio = fc["ratio"] >= TARGET_RATIO
-            ok_life = fc["in_loop_us"] is not None and fc["in_loop_us"] <= TARGET_LIFECYCLE_US
+            ok_life = variant not in LIFECYCLE_TARGET_VARIANTS or (
+                fc["in_loop_us"] is not None and fc["in_loop_us"] <= TARGET_LIFECYCLE_US
+            )
             ok_pings = fc["pings_per_1000"] <= TARGET_PINGS
             missed = [name for name, ok in (("ratio", ok_ratio), ("lifecycle", ok_life), ("pings", ok_pings)) if not ok]
             rows.append(
@@ -147,7 +153,7 @@ TARGET_HEADERS = (
     f"freshconn ratio (>= {TARGET_RATIO})",
     "its IQR",
     "A/A ratio",
-    f"lifecycle µs in loop (<= {TARGET_LIFECYCLE_US:g})",
+    f"lifecycle µs in loop (<= {TARGET_LIFECYCLE_US:g} in {' and '.join(LIFECYCLE_TARGET_VARIANTS)})",
     "CPU µs vs unsafe",
     "pings/1k (0)",
     "met",

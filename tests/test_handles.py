@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, connection, connections
 
 import freshconn
-from freshconn import _state
+from freshconn import _state, _units
 from freshconn.signals import connection_discarded, unit_retried
 from freshconn.testing import kill_connection
 from tests.app.models import Order
@@ -308,3 +308,46 @@ def test_unused_alias_keeps_its_last_use(live: None) -> None:
     with freshconn.unit_of_work():
         Order.objects.count()
     assert state.last_used > before
+
+
+def test_interleaved_and_nested_each_loops_keep_one_stack_and_count_every_outermost_unit(live: None) -> None:
+    """Two each() loops advanced in turn, and one fed by another, leave the stack empty and count only acting units."""
+    thread = _state.local()
+    seen = []
+    for a, b in zip(freshconn.each(range(5)), freshconn.each(range(5)), strict=True):
+        assert _units.in_unit()
+        Order.objects.count()
+        seen.append((a, b))
+    assert len(seen) == 5
+    assert not thread.stack
+    assert thread.active is None
+    for _ in freshconn.each(freshconn.each(range(4))):
+        Order.objects.count()
+        assert len(_state.local().stack) == 2  # the inner loop's unit, and the outer one nested in it
+    assert not thread.stack
+    assert thread.active is None
+    with freshconn.unit_of_work():
+        pass  # the stack still works as a stack: an ordinary unit opens and closes
+    assert not thread.stack
+
+
+def test_a_unit_the_iterator_leaves_open_makes_each_units_nest_inside_it(live: None) -> None:
+    """An iterator that yields from inside its own unit gets nested (no-op) units from each(), then acting ones."""
+    thread = _state.local()
+
+    def items() -> Iterator[int]:
+        yield 0
+        yield 1  # back to back: each()'s own fast path
+        with freshconn.unit_of_work():
+            yield 2  # each()'s unit nests inside this one
+            yield 3
+        yield 4
+
+    nested = []
+    for _ in freshconn.each(items()):
+        Order.objects.count()
+        nested.append(len(thread.stack))
+    assert nested == [1, 1, 2, 2, 1]
+    assert not thread.stack
+    assert thread.active is None
+    assert counters()["units"] == 4  # units 0, 1, 4, and the iterator's own (2 and 3 nest in it)

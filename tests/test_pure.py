@@ -125,6 +125,14 @@ def test_libpq_client_side_messages_without_code_are_disconnects() -> None:
     assert not freshconn.is_disconnect(psycopg2.OperationalError("canceling statement due to user request"))
 
 
+def test_psycopg3_socket_closed_in_its_wait_loop_is_a_disconnect() -> None:
+    """psycopg 3's 'connection socket closed' (its wait loop saw the socket hang up) is a disconnect."""
+    psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")
+
+    assert freshconn.is_disconnect(psycopg.OperationalError("connection socket closed"))
+    assert not freshconn.is_disconnect(psycopg.OperationalError("socket timeout"))
+
+
 def test_psycopg3_closed_connection_message_is_a_disconnect() -> None:
     """psycopg 3's code-less 'the connection is closed' is recognised."""
     psycopg = pytest.importorskip("psycopg", reason="this process runs psycopg2 with psycopg 3 blocked")

@@ -124,3 +124,31 @@ def test_a_kill_during_a_long_tail_is_found_by_the_next_unit_before_its_query(li
     assert connection.connection is not first
     assert counters()["discarded_dead"] == 1
     assert counters()["discarded_error"] == 0
+
+
+def test_a_statement_that_failed_between_back_to_back_units_makes_the_next_unit_check(
+    live: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed statement that the loop's own code swallowed between two units voids the back-to-back skip."""
+    from django.db import DatabaseError
+
+    # However long the failing statement's round trip: the skip would hold without the failure.
+    monkeypatch.setattr(_policy, "SOCKET_CHECK_AFTER", 60.0)
+
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT no_such_column FROM no_such_table")
+        except DatabaseError:
+            pass
+        assert connection.errors_occurred
+        yield 3
+
+    for _ in freshconn.each(items()):
+        select_one()
+    # Unit 3 saw Django's error flag and checked the connection with a round trip before its
+    # query; trusting unit 2's clean end, it would not have (and unit 3's end, last, neither).
+    assert counters()["pings"] == 1
+    assert counters()["units"] == 3

@@ -87,6 +87,9 @@ _PG_CLIENT_MESSAGES = (
     "ssl connection has been closed unexpectedly",
     "ssl syscall error",
     "consuming input failed",
+    # psycopg 3's own wait loop, when poll() reports the socket hung up with nothing to read (the
+    # server closed it: seen after pg_terminate_backend, depending on when the close arrives).
+    "connection socket closed",
     "lost synchronization with server",
     # Opening a connection failed: nothing was ever sent, the server is (for now) unreachable.
     "connection refused",

@@ -7,6 +7,7 @@ says so, closes connections, and reopens, patiently, what an outage took.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -23,6 +24,8 @@ logger = logging.getLogger("freshconn")
 
 _monotonic = time.monotonic
 _warned_atomic = False
+#: When begin() next reads the settings and STATS_LOG_INTERVAL (0.0: never yet, and the first
+#: line is skipped; inf: the line is off and the settings have not changed since).
 _next_stats_line = 0.0
 
 
@@ -48,8 +51,9 @@ def _ping(conn: BaseDatabaseWrapper, state: ConnState, timeout: float) -> bool:
     return True
 
 
-def _check(conn: BaseDatabaseWrapper, cfg: conf.Config, now: float) -> None:
+def _check(conn: BaseDatabaseWrapper, now: float) -> None:
     """The full start-of-unit decision for one open connection that is not plainly busy and healthy."""
+    cfg = conf._current or conf.get()
     if conn.in_atomic_block:
         _stats.bump(conn.alias, "skipped_atomic")
         _warn_atomic(conn.alias)
@@ -89,46 +93,54 @@ def _check(conn: BaseDatabaseWrapper, cfg: conf.Config, now: float) -> None:
 
 def begin(scope: Scope, count: bool = True, thread: ThreadState | None = None) -> None:
     """Start-of-unit checks for every open connection in scope, in the current thread."""
-    cfg = conf._current or conf.get()
     if thread is None:
         thread = tls.ctx
     if count:
-        # _stats.count_unit(), inlined: one dict increment, no call and no thread-local read.
-        units = thread.units
-        units[scope] = units.get(scope, 0) + 1
+        # _stats.count_unit(), inlined: no call and no thread-local read; units of every alias (the
+        # commonest) in an int slot, cheaper than the per-scope dict increment.
+        if scope is None:
+            thread.unscoped_units += 1
+        else:
+            units = thread.units
+            units[scope] = units.get(scope, 0) + 1
     if thread.seeded != _aliases.generation:
         seed()
     now = _monotonic()
-    for conn in thread.conns:
-        raw = conn.connection
-        if raw is None or (scope is not None and conn.alias not in scope):
-            continue
-        # The busy path: recently used (check_at, see _policy.check_at), nothing pending on its
-        # socket, no round trip. Every registered wrapper has the STATE_ATTR attribute: a plain
-        # read, not getattr() with a default (this loop runs once per unit per open connection).
-        state: ConnState | None = conn._freshconn_state  # type: ignore[attr-defined]
-        if (
-            state is not None
-            and state.raw is raw
-            and now < state.check_at
-            and not conn.errors_occurred
-            and not conn.in_atomic_block
-            # Back-to-back units skip even the poll(); ended_at is stamped by end() only for a
-            # connection the previous unit used (see _policy.SOCKET_CHECK_AFTER and SOCKET_CHECK_IDLE).
-            and (now - state.ended_at < _policy.SOCKET_CHECK_AFTER or state.poller is None or not state.poller.poll(0))
-        ):
-            if not conn.health_check_done:  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
-                conn.health_check_done = True  # type: ignore[attr-defined]
-            continue
-        _check(conn, cfg, now)
+    # Back to back (now < clean_until): the previous unit of this scope ended in this thread less
+    # than SOCKET_CHECK_AFTER ago, and its end() found every connection in scope outside a
+    # transaction, healthy, just used and inside its window beyond this moment, so the checks below
+    # would all pass, the socket poll included (see _policy.SOCKET_CHECK_AFTER). Only the loop's
+    # own code ran since; a statement that failed there cleared the mark (_state._failed).
+    if now >= thread.clean_until or thread.clean_scope is not scope:
+        for conn in thread.conns:
+            raw = conn.connection
+            if raw is None or (scope is not None and conn.alias not in scope):
+                continue
+            # The healthy path: recently used (check_at, see _policy.check_at), nothing pending on
+            # its socket, no round trip. Every registered wrapper has the STATE_ATTR attribute: a
+            # plain read, not getattr() with a default (this runs once per unit per open connection).
+            state: ConnState | None = conn._freshconn_state  # type: ignore[attr-defined]
+            if (
+                state is not None
+                and state.raw is raw
+                and now < state.check_at
+                and not conn.errors_occurred
+                and not conn.in_atomic_block
+                and (state.poller is None or not state.poller.poll(0))
+            ):
+                if not conn.health_check_done:  # type: ignore[attr-defined]  # Django >= 4.1, not in the stubs
+                    conn.health_check_done = True  # type: ignore[attr-defined]
+                continue
+            _check(conn, now)
     if thread.needs_reconnect:
-        _reconnect_pending(scope, cfg)
-    if cfg.stats_log_interval is not None:
-        _maybe_log_stats(now, cfg.stats_log_interval)
+        _reconnect_pending(scope)
+    if now >= _next_stats_line:
+        _maybe_log_stats(now)
 
 
-def _reconnect_pending(scope: Scope, cfg: conf.Config) -> None:
+def _reconnect_pending(scope: Scope) -> None:
     """Reopen, patiently, the connections an outage took from this thread, before the unit's work."""
+    cfg = conf._current or conf.get()
     thread = local()
     for alias in list(thread.needs_reconnect):
         if scope is not None and alias not in scope:
@@ -170,9 +182,16 @@ def end(scope: Scope, exc: BaseException | None, thread: ThreadState | None = No
         thread = tls.ctx
     if exc is None:
         now = _monotonic()
+        # Until when the next unit of this scope can skip its per-connection checks (begin()):
+        # SOCKET_CHECK_AFTER from now, if every open connection in scope is outside a transaction,
+        # healthy and used less than SOCKET_CHECK_IDLE ago, and no later than any one's check_at.
+        until = now + _policy.SOCKET_CHECK_AFTER
         for conn in thread.conns:
             raw = conn.connection
-            if raw is None or (scope is not None and conn.alias not in scope) or conn.in_atomic_block:
+            if raw is None or (scope is not None and conn.alias not in scope):
+                continue
+            if conn.in_atomic_block:
+                until = -math.inf
                 continue
             state: ConnState | None = conn._freshconn_state  # type: ignore[attr-defined]  # see begin()
             if (
@@ -184,12 +203,18 @@ def end(scope: Scope, exc: BaseException | None, thread: ThreadState | None = No
                 and conn.autocommit == state.autocommit
                 and not state.pooled
             ):
-                # The common case: nothing to do but note that the connection is busy, not idle.
-                if now - state.last_used < _policy.SOCKET_CHECK_IDLE:
-                    state.ended_at = now
+                # The common case: nothing to do but note whether the connection is busy, not idle.
+                if now - state.last_used >= _policy.SOCKET_CHECK_IDLE:
+                    until = -math.inf
+                elif state.check_at < until:
+                    until = state.check_at
                 continue
+            until = -math.inf
             _end_one(conn, now, False, False)
+        thread.clean_until = until
+        thread.clean_scope = scope
         return
+    thread.clean_until = -math.inf
     disconnect = is_disconnect(exc)
     failed = failed_alias(exc) if disconnect else None
     interrupted = interrupted_alias(exc) if not disconnect else None
@@ -234,10 +259,26 @@ def boundary(conn: BaseDatabaseWrapper) -> None:
     begin(frozenset((conn.alias,)), True, thread)
 
 
-def _maybe_log_stats(now: float, interval: float) -> None:
+def _settings_changed() -> None:
+    """FRESHCONN changed: the next unit reads (and validates) it again, a due stats line first."""
+    global _next_stats_line
+    if _next_stats_line != 0.0:
+        _next_stats_line = -math.inf  # due now, and not the silent first one after start-up
+
+
+conf.on_reset.append(_settings_changed)
+
+
+def _maybe_log_stats(now: float) -> None:
     """At most one line of counters per interval, process-wide (FRESHCONN['STATS_LOG_INTERVAL'])."""
     global _next_stats_line
     if now < _next_stats_line:
+        return
+    # Also where a busy worker's units read (so validate) the settings: at the first unit, and at
+    # the first after a change (conf.on_reset); a bad FRESHCONN fails that unit, loudly.
+    interval = (conf._current or conf.get()).stats_log_interval
+    if interval is None:
+        _next_stats_line = math.inf
         return
     first = _next_stats_line == 0.0
     _next_stats_line = now + interval

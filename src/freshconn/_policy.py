@@ -18,21 +18,23 @@ __all__ = [
 #: Verdict meaning "send one liveness round trip before reuse".
 PING = "ping"
 
-#: The next unit skips the zero-timeout poll() of a connection's socket when it starts less than
-#: this (seconds) after the previous unit ended, and that unit had used the connection (see
-#: SOCKET_CHECK_IDLE). Back-to-back units (a busy consumer iterating a fetched batch) are a few
-#: microseconds apart; the poll, although only a system call, measurably slows the query that
-#: follows (2-3 % of a primary-key SELECT here: docs/benchmarks.md). Any real pause between units,
-#: even one network round trip (a queue's BLPOP; a KILL sent from another session takes longer),
-#: is checked.
+#: A unit that starts less than this (seconds) after the previous unit of the same scope ended in
+#: the same thread skips its start-of-unit checks, the zero-timeout poll() of each socket
+#: included, when that unit's end found them all passed for longer than this (see
+#: SOCKET_CHECK_IDLE; freshconn._lifecycle.end computes the moment, ThreadState.clean_until).
+#: Back-to-back units (a busy consumer iterating a fetched batch) are a few microseconds apart; the
+#: poll, although only a system call, measurably slows the query that follows (2-3 % of a
+#: primary-key SELECT here: docs/benchmarks.md). Any real pause between units, even one network
+#: round trip (a queue's BLPOP; a KILL sent from another session takes longer), is checked.
 SOCKET_CHECK_AFTER = 25e-6
 
 #: A unit that ends more than this (seconds) after its last statement on a connection leaves the
-#: connection idle, not busy: the next unit polls its socket however soon it starts. So the
-#: back-to-back skip covers only the unit's own tail (reading rows, building objects: tens of
-#: microseconds), never an alias the busy units do not touch, which may sit for seconds behind a
-#: proxy that drops idle clients. The trade, measured (docs/benchmarks.md, the KILL table): a
-#: server-side close landing in that tail is found by the next unit's query failing, not by the poll.
+#: connection idle, not busy: the next unit checks it (and polls its socket) however soon it
+#: starts. So the back-to-back skip covers only the unit's own tail (reading rows, building
+#: objects: tens of microseconds), never an alias the busy units do not touch, which may sit for
+#: seconds behind a proxy that drops idle clients. The trade, measured (docs/benchmarks.md, the
+#: KILL table): a server-side close landing in that tail is found by the next unit's query
+#: failing, not by the poll.
 SOCKET_CHECK_IDLE = 1e-3
 
 #: Lifetimes are shortened by up to this fraction, at random, so that a fleet of workers started

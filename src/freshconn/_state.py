@@ -60,7 +60,6 @@ class ConnState:
         "deadline",
         "doomed",
         "driver",
-        "ended_at",
         "idle_limit",
         "last_used",
         "opened_at",
@@ -76,8 +75,6 @@ class ConnState:
         self.driver = driver
         self.raw = raw
         self.opened_at = self.last_used = now
-        #: When the last unit that used this connection ended (see _policy.SOCKET_CHECK_IDLE).
-        self.ended_at = -math.inf
         self.spread = random.random()
         self.deadline = self.check_at = now
         self.idle_limit: float | None = None
@@ -178,6 +175,8 @@ class ThreadState:
         "active",
         "adopted",
         "async_open",
+        "clean_scope",
+        "clean_until",
         "conns",
         "ident",
         "lost",
@@ -185,6 +184,7 @@ class ThreadState:
         "seeded",
         "stack",
         "units",
+        "unscoped_units",
         "wrappers",
     )
 
@@ -206,8 +206,14 @@ class ThreadState:
         self.lost = False
         #: The innermost acting unit's handle (freshconn._units.UnitHandle), or None outside units.
         self.active: Any = None
-        #: This thread's units per scope (freshconn._stats), counted on the busy path without a call.
-        self.units = _stats.thread_units()
+        #: This thread's units of every alias (scope None), and per scope (freshconn._stats), counted
+        #: on the busy path without a call (an int slot is cheaper than a dict increment).
+        self.unscoped_units = 0
+        #: Until when the next unit of ``clean_scope`` may skip its start-of-unit checks, because the
+        #: last unit's end found them all passed (freshconn._lifecycle.end); -inf: no such end.
+        self.clean_until = -math.inf
+        self.clean_scope: frozenset[str] | None = None
+        self.units = _stats.thread_units(self)
 
 
 class _TLS(threading.local):
@@ -436,6 +442,9 @@ def _track(conn: BaseDatabaseWrapper, sql: str, tracker: Tracker) -> None:
 
 
 def _failed(conn: BaseDatabaseWrapper, sql: str, exc: BaseException, active: Any) -> None:
+    # A unit starting right after this (the loop caught the error between two units) must run its
+    # checks, not trust the previous unit's clean end (freshconn._lifecycle.begin).
+    tls.ctx.clean_until = -math.inf
     state: ConnState | None = getattr(conn, STATE_ATTR, None)
     if not is_database_error(exc):
         # An exception raised while the statement was in flight (a time limit, SIGALRM, Ctrl-C): the
@@ -511,6 +520,7 @@ def commit_step(conn: BaseDatabaseWrapper) -> Any:
     try:
         result = type(conn)._commit(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
+        tls.ctx.clean_until = -math.inf  # see _failed()
         if is_disconnect(exc):
             tls.ctx.lost = True
         active = tls.ctx.active
@@ -561,6 +571,7 @@ def rollback_step(conn: BaseDatabaseWrapper) -> Any:
     try:
         return type(conn)._rollback(conn)  # type: ignore[attr-defined]
     except BaseException as exc:
+        tls.ctx.clean_until = -math.inf  # see _failed()
         if is_disconnect(exc):
             tls.ctx.lost = True
         raise

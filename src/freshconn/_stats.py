@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from typing import Any
 
 from ._aliases import server_aliases
 
@@ -48,20 +49,27 @@ _retired: dict[str, dict[str, int]] = {}
 class _ThreadCounts:
     """One thread's counters. Only that thread writes them, so counting needs no lock.
 
-    Units are counted per scope (None or a frozenset of aliases) with one dict increment, the
-    cheapest thing the per-unit path can do; stats() spreads them over the scope's aliases.
+    Units are counted per scope (a frozenset of aliases) with one dict increment, and units of
+    every alias (scope None, the commonest) in an int slot of the thread's ThreadState (``owner``,
+    see ``thread_units()``), the cheapest thing the per-unit path can do; stats() spreads them over
+    the scope's aliases.
     """
 
-    __slots__ = ("__weakref__", "rows", "units")
+    __slots__ = ("__weakref__", "owner", "rows", "units")
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, int]] = {}
         self.units: dict[frozenset[str] | None, int] = {}
+        #: The thread's freshconn._state.ThreadState (its ``unscoped_units``), once it has one.
+        self.owner: Any = None
 
     def add_to(self, total: dict[str, dict[str, int]]) -> None:
         """Add this thread's counts to ``total``, without writing to them (their thread may be counting)."""
         _add(total, self.rows)
-        for scope, n in list(self.units.items()):
+        scoped = list(self.units.items())
+        if self.owner is not None and self.owner.unscoped_units:
+            scoped.append((None, self.owner.unscoped_units))
+        for scope, n in scoped:
             for alias in server_aliases(scope):
                 row = total.get(alias)
                 if row is None:
@@ -117,9 +125,14 @@ def count_unit(scope: frozenset[str] | None) -> None:
     units[scope] = units.get(scope, 0) + 1
 
 
-def thread_units() -> dict[frozenset[str] | None, int]:
-    """The current thread's units-per-scope counts, for freshconn._state.ThreadState.units."""
-    return _local.counts.units
+def thread_units(owner: Any) -> dict[frozenset[str] | None, int]:
+    """The current thread's units-per-scope counts, for ``owner``, its freshconn._state.ThreadState.
+
+    ``owner.unscoped_units`` holds the thread's units of every alias; the dict, the others.
+    """
+    counts = _local.counts
+    counts.owner = owner
+    return counts.units
 
 
 def stats() -> dict[str, dict[str, int]]:
@@ -139,3 +152,5 @@ def reset_stats() -> None:
         for counts in list(_live):
             counts.rows.clear()
             counts.units.clear()
+            if counts.owner is not None:
+                counts.owner.unscoped_units = 0

@@ -11,6 +11,7 @@ waits up to ``RECONNECT_TIMEOUT`` for it instead of failing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +162,15 @@ def get() -> Config:
     return _current
 
 
+#: Called after the cached configuration is dropped (freshconn._lifecycle: the busy path reads no
+#: setting, so it is told to look again).
+on_reset: list[Callable[[], None]] = []
+
+
 def reset(**kwargs: Any) -> None:
     """Forget the cached configuration (connected to Django's ``setting_changed``)."""
     global _current
     if kwargs.get("setting") in (None, "FRESHCONN"):
         _current = None
+        for listener in on_reset:
+            listener()

@@ -351,3 +351,38 @@ def test_a_unit_the_iterator_leaves_open_makes_each_units_nest_inside_it(live: N
     assert not thread.stack
     assert thread.active is None
     assert counters()["units"] == 4  # units 0, 1, 4, and the iterator's own (2 and 3 nest in it)
+
+
+def test_a_nested_unit_each_opens_after_an_unusual_close_is_closed_as_nested(
+    live: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After each() closed a unit the general way, a nested (no-op) unit it opens next never runs the end steps."""
+    from freshconn import _lifecycle
+
+    ends = []
+    real_end = _lifecycle.end
+
+    def counting_end(*args: Any) -> None:
+        ends.append(args)
+        real_end(*args)
+
+    monkeypatch.setattr(_lifecycle, "end", counting_end)
+    thread = _state.local()
+
+    def items() -> Iterator[int]:
+        yield 0
+        yield 1  # opened by each()'s fast path
+        # As an async unit open in this thread makes every sync unit nested (freshconn._units).
+        thread.async_open += 1
+        try:
+            yield 2
+        finally:
+            thread.async_open -= 1
+
+    for i in freshconn.each(items()):
+        Order.objects.count()
+        if i == 1:
+            freshconn.open_unit()  # left open: each() closes its unit the general way
+    assert len(ends) == 2  # units 0 and 1 acted; unit 2 was nested in the (simulated) async unit
+    assert not thread.stack
+    assert thread.active is None

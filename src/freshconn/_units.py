@@ -350,6 +350,10 @@ def run_each(items: Iterator[T], scope: Scope) -> Generator[T, None, None]:
                 handle.closed = True
                 raise
         else:
+            # A fresh ``one``: the old one may be the thread's stack now (a general close left it
+            # there), and the general path's handle may be a nested one, which must not pass for
+            # the loop's own acting unit at its close.
+            one = []
             handle = _open(scope, None, False, False, True, handle)
         swapped = False
         try:

@@ -11,6 +11,7 @@ its own connection to the driver's server, which freshconn manages (a unit ran o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -18,7 +19,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: (case, what it measures), in the order of the table; "queries_*" cases are per query, not per loop turn.
@@ -49,14 +50,17 @@ DESCRIPTIONS: dict[str, str] = {
     "with_unit_of_work": "with unit_of_work(): pass (one UnitOfWork object)",
     "queries_no_wrapper": "one ORM primary-key get(), no execute wrapper (per query)",
     "queries_noop_wrapper": "the same with a no-op execute wrapper: Django's wrapper machinery (per query)",
-    "queries_hook": "the same with freshconn's statement hook (per query)",
+    "queries_hook_as_wrapper": (
+        "the same with freshconn's statement hook run by Django's machinery (as for a debug cursor, per query)"
+    ),
+    "queries_hook": "the same with freshconn's statement hook, as freshconn runs it (per query)",
 }
 
 
 def _cases(conn: Any, n: int, m: int) -> dict[str, Callable[[], None]]:
     import freshconn
     from benchmarks.models import Item
-    from freshconn import _lifecycle, _policy, _state, _stats, _units
+    from freshconn import _django, _lifecycle, _policy, _state, _stats, _units
 
     r = range(n)
     get = Item.objects.get
@@ -91,9 +95,19 @@ def _cases(conn: Any, n: int, m: int) -> dict[str, Callable[[], None]]:
     uow = freshconn.unit_of_work()
     lc_begin, lc_end, open_, close = _lifecycle.begin, _lifecycle.end, _units._open, _units.close
 
-    def hook_off() -> Any:
-        conn.execute_wrappers.remove(_state.statement_hook)
-        return _state.statement_hook
+    @contextlib.contextmanager
+    def hook_off(wrapper: bool = True) -> Iterator[None]:
+        # freshconn's fast cursor (make_cursor) and its statement hook (the execute wrapper).
+        if wrapper:
+            conn.execute_wrappers.remove(_state.statement_hook)
+        own = conn.__dict__.pop(_django.MAKE_CURSOR, None)
+        try:
+            yield
+        finally:
+            if wrapper:
+                conn.execute_wrappers.insert(0, _state.statement_hook)
+            if own is not None:
+                setattr(conn, _django.MAKE_CURSOR, own)
 
     def noop_wrapper(execute: Any, sql: Any, params: Any, many: Any, context: Any) -> Any:
         return execute(sql, params, many, context)
@@ -243,22 +257,23 @@ def _cases(conn: Any, n: int, m: int) -> dict[str, Callable[[], None]]:
                 pass
 
     def queries_no_wrapper() -> None:
-        hook = hook_off()
-        try:
+        with hook_off():
             for _ in range(m):
                 get(pk=1)
-        finally:
-            conn.execute_wrappers.insert(0, hook)
 
     def queries_noop_wrapper() -> None:
-        hook = hook_off()
-        conn.execute_wrappers.insert(0, noop_wrapper)
-        try:
+        with hook_off():
+            conn.execute_wrappers.insert(0, noop_wrapper)
+            try:
+                for _ in range(m):
+                    get(pk=1)
+            finally:
+                conn.execute_wrappers.remove(noop_wrapper)
+
+    def queries_hook_as_wrapper() -> None:
+        with hook_off(wrapper=False):
             for _ in range(m):
                 get(pk=1)
-        finally:
-            conn.execute_wrappers.remove(noop_wrapper)
-            conn.execute_wrappers.insert(0, hook)
 
     def queries_hook() -> None:
         for _ in range(m):

@@ -150,3 +150,39 @@ def test_freshconn_leaves_djangos_close_at_alone(live: None) -> None:
         Order.objects.count()
     settings_age = connection.settings_dict["CONN_MAX_AGE"]
     assert (connection.close_at is None) == (settings_age is None)
+
+
+def test_cursors_come_from_the_instances_make_cursor_and_wrappers_get_the_call_freshconn_makes(live: None) -> None:
+    """_prepare_cursor() calls the instance's make_cursor(); wrappers get (executor, sql, params, many, context)."""
+    from django.db.backends.utils import CursorWrapper
+
+    assert BaseDatabaseWrapper.make_cursor.__code__.co_varnames[:2] == ("self", "cursor")
+    assert "make_cursor" in BaseDatabaseWrapper._prepare_cursor.__code__.co_names  # type: ignore[attr-defined]
+    run = CursorWrapper._execute_with_wrappers  # type: ignore[attr-defined]
+    assert run.__code__.co_varnames[:5] == ("self", "sql", "params", "many", "executor")
+    # A wrapper freshconn does not manage: Django's own behaviour, no freshconn hook in the way.
+    conn = connections.create_connection("default")
+    made: list[Any] = []
+    calls: list[tuple[Any, ...]] = []
+
+    def make_cursor(cursor: Any) -> Any:
+        made.append(cursor)
+        return CursorWrapper(cursor, conn)
+
+    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
+        calls.append((sql, params, many, dict(context)))
+        return execute(sql, params, many, context)
+
+    conn.make_cursor = make_cursor  # type: ignore[method-assign]
+    try:
+        with conn.execute_wrapper(wrapper), conn.cursor() as cursor:
+            cursor.execute("SELECT %s", [1])
+        # MySQL's connection setup runs its own statements through cursors (and wrappers) first.
+        assert made[-1] is cursor.cursor
+        mine = [c for c in calls if c[0] == "SELECT %s"]
+        assert [c[:3] for c in mine] == [("SELECT %s", [1], False)]
+        assert set(mine[0][3]) == {"connection", "cursor"}
+        assert mine[0][3]["connection"] is conn
+        assert mine[0][3]["cursor"] is cursor
+    finally:
+        conn.close()

@@ -19,6 +19,7 @@ __all__ = [
     "COMMIT_FRAME",
     "CONNECT_STEP",
     "HEALTH_CHECK_DONE",
+    "MAKE_CURSOR",
     "PER_CONNECTION_STEP",
     "ROLLBACK_STEP",
     "commit_frame_alias",
@@ -41,6 +42,16 @@ PER_CONNECTION_STEP = "close_if_unusable_or_obsolete"
 #: it manages to make that connect patient inside units; the class's method (which pytest-django's
 #: database blocker patches) is always what actually connects.
 CONNECT_STEP = "ensure_connection"
+
+#: ``BaseDatabaseWrapper.make_cursor()``: ``_prepare_cursor()`` calls it for every cursor when no
+#: query is logged (``make_debug_cursor()`` otherwise) and returns ``utils.CursorWrapper(cursor,
+#: self)``. ``CursorWrapper._execute_with_wrappers(sql, params, many, executor)`` runs every statement
+#: of ``execute()``/``executemany()``: it calls each of ``execute_wrappers`` as ``wrapper(executor,
+#: sql, params, many, {"connection": ..., "cursor": ...})``, the last one innermost, through a
+#: ``functools.partial`` per wrapper per statement. freshconn shadows ``make_cursor`` on the
+#: instances it manages (when the backend has not overridden it) with a ``CursorWrapper`` subclass
+#: that makes the same call to its statement hook directly when that hook is the only wrapper.
+MAKE_CURSOR = "make_cursor"
 
 #: ``BaseDatabaseWrapper._commit()``: ``commit()`` calls it, and it wraps the driver's ``commit()``
 #: in ``wrap_database_errors``. An error raised during a COMMIT carries a traceback through its

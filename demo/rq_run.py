@@ -71,6 +71,7 @@ class RQRun(Run[Redis]):
 
     def run_mode(self, key: str) -> Result:
         from rq import Queue
+        from rq import Worker as RQWorker
         from rq.job import Job
         from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
@@ -125,6 +126,16 @@ class RQRun(Run[Redis]):
             say(
                 f"[{key}] batch 2: {self.orders} jobs enqueued, {len(ids(finished_reg, 2))} finished, "
                 f"{len(ids(failed_reg, 2))} failed after {took:.1f} s"
+            )
+            # RQ's warm shutdown waits for "the current job" when the worker still says busy: a
+            # forking worker says so until it has reaped the horse of its last job, which can be
+            # after that job shows as finished, and a SIGTERM in that moment leaves it blocked in
+            # its queue's BLPOP for minutes. Stop it once it says idle, as an operator would.
+            wait_for(
+                "the RQ worker to go idle",
+                lambda: bool(workers := RQWorker.all(queue=queue)) and all(w.get_state() == "idle" for w in workers),
+                timeout=20,
+                alive=worker.alive,
             )
             out = worker.stop()
 
